@@ -1,0 +1,331 @@
+"""``QuantizedCache``: a transformers ``Cache`` whose layers store bit-packed K/V.
+
+Every key/value the attention sees is the stored (quantized) one — also in a one-pass forward
+(``fakequant``), unlike transformers' own ``QuantizedCache``, which hands back the unquantized
+prefill. Per layer the cache holds, in token order::
+
+    [ sinks (S tokens, full precision) | quantized chunks | residual (<= R newest, full precision) ]
+
+Keys reach :meth:`QuantizedLayer.update` after RoPE, shaped ``[B, H_kv, T, head_dim]``.
+Quantization units (granularity):
+
+* ``head``  — one unit per token per KV head: ``[B, H, t, d] -> [B*H*t, d]``;
+* ``layer`` — one unit per token per layer: ``[B, H, t, d] -> [B*t, H*d]``;
+* ``token`` — one unit per token across all layers: ``[B*t, L*H*d]``. Only possible when the
+  whole cache is quantized at once (``deferred=True`` + :meth:`QuantizedCache.quantize_now`,
+  the ``prefill`` protocol).
+
+A dequantized copy of the quantized part is kept per layer as a compute scratch (a fused
+kernel would dequantize on the fly); memory metrics count only what is stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from kvq.alloc.base import BitPlan, FixedBits, Kind
+from kvq.quant.base import QTensor, Quantizer
+
+__all__ = ["GRANULARITIES", "KVQuantSpec", "NonFiniteKVError", "QuantizedCache", "QuantizedLayer"]
+
+Granularity = Literal["head", "layer", "token"]
+GRANULARITIES: tuple[str, ...] = ("head", "layer", "token")
+
+
+class NonFiniteKVError(ValueError):
+    """NaN or Inf reached the KV cache."""
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"fp_dtype must be a torch dtype name such as 'float16' or null, got {name!r}")
+    return dt
+
+
+@dataclass
+class KVQuantSpec:
+    """How a cache quantizes keys and values.
+
+    Args:
+        key_quantizer: quantizer for keys.
+        value_quantizer: quantizer for values (``None`` = the key quantizer).
+        granularity: ``head``, ``layer`` or ``token`` (see module docstring).
+        residual: newest tokens kept in full precision (a window, ``>= 0``).
+        sinks: first tokens kept in full precision (``>= 0``).
+        fp_dtype: storage dtype of the full-precision parts (sinks, residual); ``None`` = the
+            model's dtype.
+    """
+
+    key_quantizer: Quantizer
+    value_quantizer: Quantizer | None = None
+    granularity: str = "head"
+    residual: int = 0
+    sinks: int = 0
+    fp_dtype: str | None = "float16"
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        for name in ("residual", "sinks"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        _dtype(self.fp_dtype)
+        if self.value_quantizer is None:
+            self.value_quantizer = self.key_quantizer
+
+    def quantizer(self, kind: Kind) -> Quantizer:
+        return self.key_quantizer if kind == "key" else self.value_quantizer  # type: ignore[return-value]
+
+
+def to_units(x: torch.Tensor, granularity: str) -> torch.Tensor:
+    """``[B, H, t, d]`` -> ``[N, D]`` units of one layer (``head`` or ``layer``)."""
+    B, H, t, d = x.shape
+    if granularity == "head":
+        return x.reshape(B * H * t, d)
+    return x.permute(0, 2, 1, 3).reshape(B * t, H * d)
+
+
+def from_units(u: torch.Tensor, shape: torch.Size, granularity: str) -> torch.Tensor:
+    """Inverse of :func:`to_units`."""
+    B, H, t, d = shape
+    if granularity == "head":
+        return u.view(B, H, t, d)
+    return u.view(B, t, H, d).permute(0, 2, 1, 3)
+
+
+class QuantizedLayer(DynamicLayer):
+    """One layer of a :class:`QuantizedCache`.
+
+    Args:
+        layer_idx: index of the model layer.
+        spec: quantization settings.
+        plan: bit widths per unit (default: 4 bits).
+        deferred: store new tokens in full precision until :meth:`flush` (prefill protocol).
+    """
+
+    def __init__(
+        self, layer_idx: int, spec: KVQuantSpec, plan: BitPlan | None = None, deferred: bool = False
+    ):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.spec = spec
+        self.plan: BitPlan = plan if plan is not None else FixedBits(4)
+        self.deferred = deferred
+        self.cumulative_length = 0
+        self.sink: dict[Kind, torch.Tensor | None] = {"key": None, "value": None}
+        self.res: dict[Kind, torch.Tensor | None] = {"key": None, "value": None}
+        self.deq: dict[Kind, torch.Tensor | None] = {"key": None, "value": None}
+        self.chunks: dict[Kind, list[QTensor]] = {"key": [], "value": []}
+        self.n_quantized = 0
+        self.unit_bits_log: dict[Kind, list[tuple[float, int]]] = {"key": [], "value": []}
+
+    # -- transformers API ---------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.fp_dtype = _dtype(self.spec.fp_dtype) or key_states.dtype
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.__init__(self.layer_idx, self.spec, self.plan, self.deferred)  # type: ignore[misc]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("QuantizedCache does not support crop (assisted/speculative decoding)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("QuantizedCache does not support beam search; use greedy or sampling")
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new K/V (``[B, H_kv, T, d]``) and return everything the attention must see."""
+        for kind, x in (("key", key_states), ("value", value_states)):
+            if not torch.isfinite(x).all():
+                raise NonFiniteKVError(
+                    f"layer {self.layer_idx}: NaN/Inf in the {kind}s reaching the KV cache "
+                    "(check the model's dtype: fp16 overflows are common; try model.dtype=float32 or bfloat16)"
+                )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        for kind, x in (("key", key_states), ("value", value_states)):
+            x = x.to(self.fp_dtype)
+            have = 0 if self.sink[kind] is None else self.sink[kind].shape[-2]
+            take = min(self.spec.sinks - have, x.shape[-2])
+            if take > 0:
+                self.sink[kind] = self._cat(self.sink[kind], x[..., :take, :])
+                x = x[..., take:, :]
+            self.res[kind] = self._cat(self.res[kind], x)
+        if not self.deferred:
+            self.flush()
+        return self.materialize("key", key_states.dtype), self.materialize("value", value_states.dtype)
+
+    # -- storage ------------------------------------------------------------------------
+    @staticmethod
+    def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+        return b if a is None else torch.cat([a, b], dim=-2)
+
+    def materialize(self, kind: Kind, dtype: torch.dtype) -> torch.Tensor:
+        """What the attention sees: ``[B, H, sinks + quantized + residual, d]`` in ``dtype``."""
+        parts = [p.to(dtype) for p in (self.sink[kind], self.deq[kind], self.res[kind]) if p is not None]
+        return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
+
+    def take_for_quantization(self, keep: int | None = None) -> dict[Kind, torch.Tensor] | None:
+        """Remove and return the residual tokens beyond the newest ``keep`` (``spec.residual``)."""
+        keep = self.spec.residual if keep is None else keep
+        res = self.res["key"]
+        n = 0 if res is None else res.shape[-2] - keep
+        if n <= 0:
+            return None
+        out = {}
+        for kind in ("key", "value"):
+            r = self.res[kind]
+            out[kind], self.res[kind] = r[..., :n, :], r[..., n:, :]
+        return out
+
+    def append_quantized(self, kind: Kind, qt: QTensor, deq: torch.Tensor) -> None:
+        """Record a quantized chunk (and its dequantized scratch ``[B, H, t, d]``)."""
+        self.chunks[kind].append(qt)
+        self.deq[kind] = self._cat(self.deq[kind], deq.to(self.fp_dtype))
+        self.unit_bits_log[kind].append((qt.mean_bits(), qt.n_units))
+
+    def flush(self) -> None:
+        """Quantize everything in the residual beyond the newest ``spec.residual`` tokens."""
+        if self.spec.granularity == "token":
+            raise ValueError(
+                "granularity=token spans all layers and needs the whole cache at once: use the prefill "
+                "protocol (eval=prefill), or granularity=head/layer"
+            )
+        chunk = self.take_for_quantization()
+        if chunk is None:
+            return
+        start = (0 if self.sink["key"] is None else self.sink["key"].shape[-2]) + self.n_quantized
+        for kind in ("key", "value"):
+            x = chunk[kind]
+            q = self.spec.quantizer(kind)
+            units = to_units(x, self.spec.granularity)
+            bits = self.plan.unit_bits(self.layer_idx, kind, units, start, q)
+            qt = q.encode(units, bits)
+            self.append_quantized(kind, qt, from_units(q.decode(qt, x.dtype), x.shape, self.spec.granularity))
+        self.n_quantized += chunk["key"].shape[-2]
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer stores (the scratch copy excluded)."""
+        out = [t for d in (self.sink, self.res) for t in d.values() if t is not None]
+        return out + [t for kind in ("key", "value") for qt in self.chunks[kind] for t in qt.tensors()]
+
+    def n_elements(self) -> int:
+        """K and V elements held, at the model's real KV head count."""
+        if (
+            not self.is_initialized
+            or self.res["key"] is None
+            and self.deq["key"] is None
+            and self.sink["key"] is None
+        ):
+            return 0
+        ref = next(t for t in (self.res["key"], self.deq["key"], self.sink["key"]) if t is not None)
+        B, H, _, d = ref.shape
+        return 2 * B * H * self.cumulative_length * d
+
+
+class QuantizedCache(Cache):
+    """A transformers ``Cache`` made of :class:`QuantizedLayer` s, one per model layer.
+
+    Works with ``model(..., past_key_values=cache)`` and ``model.generate(...,
+    past_key_values=cache)``.
+
+    Args:
+        spec: quantization settings.
+        n_layers: number of model layers (``config.num_hidden_layers``).
+        plan: bit widths per unit; default ``FixedBits(4)``.
+        deferred: keep new tokens in full precision until :meth:`quantize_now` (prefill
+            protocol; required for ``granularity="token"``).
+    """
+
+    def __init__(self, spec: KVQuantSpec, n_layers: int, plan: BitPlan | None = None, deferred: bool = False):
+        if spec.granularity == "token" and not deferred:
+            raise ValueError(
+                "granularity=token spans all layers and needs the whole cache at once: use the prefill "
+                "protocol (eval=prefill), or granularity=head/layer"
+            )
+        self.spec = spec
+        self.plan = plan if plan is not None else FixedBits(4)
+        self.cross_layer_chunks: dict[Kind, list[QTensor]] = {"key": [], "value": []}
+        super().__init__(layers=[QuantizedLayer(i, spec, self.plan, deferred) for i in range(n_layers)])
+
+    def set_plan(self, plan: BitPlan) -> None:
+        """Use ``plan`` for every chunk stored from now on."""
+        self.plan = plan
+        for layer in self.layers:
+            layer.plan = plan
+
+    def quantize_now(self, plan: BitPlan | None = None) -> None:
+        """Quantize everything held in full precision (but sinks and the newest ``residual``)."""
+        if plan is not None:
+            self.set_plan(plan)
+        if self.spec.granularity != "token":
+            for layer in self.layers:
+                layer.flush()
+            return
+        chunks = [layer.take_for_quantization() for layer in self.layers]
+        if any(c is None for c in chunks):
+            return
+        first = self.layers[0]
+        start = (0 if first.sink["key"] is None else first.sink["key"].shape[-2]) + first.n_quantized
+        for kind in ("key", "value"):
+            xs = [c[kind] for c in chunks]
+            B, H, t, d = xs[0].shape
+            units = torch.cat([x.permute(0, 2, 1, 3).reshape(B, t, H * d) for x in xs], dim=-1)
+            units = units.reshape(B * t, -1)
+            q = self.spec.quantizer(kind)
+            bits = self.plan.unit_bits(-1, kind, units, start, q)
+            qt = q.encode(units, bits)
+            self.cross_layer_chunks[kind].append(qt)
+            deq = q.decode(qt, xs[0].dtype).view(B, t, len(xs), H, d)
+            for li, layer in enumerate(self.layers):
+                layer.deq[kind] = layer._cat(
+                    layer.deq[kind], deq[:, :, li].permute(0, 2, 1, 3).to(layer.fp_dtype)
+                )
+                layer.unit_bits_log[kind].append((qt.mean_bits(), qt.n_units))
+        for layer in self.layers:
+            layer.n_quantized += chunks[0]["key"].shape[-2]
+
+    def stored_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache stores (scratch copies excluded)."""
+        out = [t for layer in self.layers for t in layer.stored_tensors()]
+        return out + [
+            t for kind in ("key", "value") for qt in self.cross_layer_chunks[kind] for t in qt.tensors()
+        ]
+
+    def nbytes(self) -> int:
+        """Bytes actually held by the stored tensors."""
+        return sum(t.numel() * t.element_size() for t in self.stored_tensors())
+
+    def n_elements(self) -> int:
+        """K and V elements represented."""
+        return sum(layer.n_elements() for layer in self.layers)
+
+    def mean_bits_per_layer(self) -> dict[str, list[float]]:
+        """Mean code width of the quantized units of each layer, for keys and values."""
+        out: dict[str, list[float]] = {}
+        for kind in ("key", "value"):
+            vals = []
+            for layer in self.layers:
+                log = layer.unit_bits_log[kind]
+                n = sum(c for _, c in log)
+                vals.append(sum(b * c for b, c in log) / n if n else 0.0)
+            out[kind] = vals
+        return out

@@ -1,0 +1,125 @@
+"""KV-cache memory: the bits-per-element formula and the bytes a cache actually holds.
+
+:func:`predict_bytes` computes, from shapes and settings alone, the bytes a
+:class:`~kvq.cache.QuantizedCache` stores; :func:`measured` reads them off the cache's tensors.
+The two must agree exactly (tested). Per quantized unit of ``D`` features at ``b`` bits:
+
+* payload: ``b`` bits per element (codes packed in runs of 8: ``ceil(n / 8) * b`` bytes);
+* metadata: ``16 * m(b)`` bits per group (``m`` = 2 for uniform asymmetric and normal, 1 for
+  uniform symmetric, ``2**b`` for adaptive's codebook), ``ceil(D / g)`` groups per unit;
+* outliers: ``2k`` per unit, each an fp16 value plus an index (8/16/32 bits by ``D``);
+* per-unit widths (attention-aware bits): one uint8 per unit when widths differ;
+* sinks and residual tokens: full precision (``fp_dtype``).
+
+All on the real number of KV heads (GQA), so ``kv/bytes_fp16`` is what an fp16
+``DynamicCache`` would hold for the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvq.cache import KVQuantSpec, QuantizedCache
+
+__all__ = ["CacheShape", "bits_per_element", "measured", "metrics", "predict_bytes"]
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """The shape of a model's KV cache.
+
+    Args:
+        n_layers: decoder layers.
+        n_kv_heads: KV heads per layer (not query heads).
+        head_dim: features per head.
+        batch: sequences held.
+    """
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    batch: int = 1
+
+
+def bits_per_element(spec: KVQuantSpec, shape: CacheShape, bits: int, kind: str = "key") -> float:
+    """Average stored bits per quantized element at a fixed width (payload + overheads).
+
+    Exact when the number of codes in a chunk is a multiple of 8 (it is for every real head
+    size); sinks and residual tokens are not included (see :func:`predict_bytes`).
+    """
+    q = spec.quantizer(kind)  # type: ignore[arg-type]
+    D = _unit_size(spec, shape)
+    return q.nbytes_formula(8, D, bits) * 8 / (8 * D)
+
+
+def _unit_size(spec: KVQuantSpec, shape: CacheShape) -> int:
+    per_layer = shape.n_kv_heads * shape.head_dim
+    return {"head": shape.head_dim, "layer": per_layer, "token": per_layer * shape.n_layers}[spec.granularity]
+
+
+def _units_per_token(spec: KVQuantSpec, shape: CacheShape) -> int:
+    return shape.batch * (shape.n_kv_heads if spec.granularity == "head" else 1)
+
+
+def predict_bytes(
+    spec: KVQuantSpec,
+    shape: CacheShape,
+    total_tokens: int,
+    chunks: list[int],
+    fp_elem_size: int,
+    widths: list[dict[str, dict[int, int]]] | None = None,
+    bits: int | tuple[int, int] = 4,
+) -> int:
+    """Bytes a :class:`QuantizedCache` stores, from shapes and settings alone.
+
+    Args:
+        spec: the cache's settings.
+        shape: the model's KV shape.
+        total_tokens: tokens held per layer.
+        chunks: tokens in each quantized chunk, in order (one chunk per flush; with ``head`` or
+            ``layer`` granularity every layer holds the same chunks; with ``token`` one chunk
+            spans all layers). The other ``total_tokens - sum(chunks)`` tokens are sinks and
+            residual, in full precision.
+        fp_elem_size: bytes per full-precision element.
+        widths: per chunk, ``{"key": {width: units}, "value": {width: units}}`` when widths vary
+            per unit (attention-aware bits); ``None`` = fixed ``bits``.
+        bits: fixed width, or ``(key_bits, value_bits)``.
+    """
+    per_token_layer = shape.batch * shape.n_kv_heads * shape.head_dim  # elements, K or V
+    fp_tokens = total_tokens - sum(chunks)
+    total = 2 * shape.n_layers * fp_tokens * per_token_layer * fp_elem_size
+    D = _unit_size(spec, shape)
+    layer_copies = 1 if spec.granularity == "token" else shape.n_layers
+    kb, vb = (bits, bits) if isinstance(bits, int) else bits
+    for i, t in enumerate(chunks):
+        n_units = t * _units_per_token(spec, shape)
+        for kind, b in (("key", kb), ("value", vb)):
+            w = b if widths is None else widths[i][kind]
+            q = spec.quantizer(kind)  # type: ignore[arg-type]
+            total += layer_copies * q.nbytes_formula(n_units, D, w, fp_elem_size=fp_elem_size)
+    return total
+
+
+@dataclass
+class Measured:
+    """What a cache holds: stored bytes and represented elements."""
+
+    bytes: int
+    elements: int
+
+
+def measured(cache: QuantizedCache) -> Measured:
+    """Bytes actually held by the cache tensors, and the K/V elements they represent."""
+    return Measured(bytes=cache.nbytes(), elements=cache.n_elements())
+
+
+def metrics(cache: QuantizedCache) -> dict[str, float]:
+    """``kv/bytes``, ``kv/bytes_fp16``, ``kv/bits_per_element``, ``kv/compression``."""
+    m = measured(cache)
+    fp16 = m.elements * 2
+    return {
+        "kv/bytes": float(m.bytes),
+        "kv/bytes_fp16": float(fp16),
+        "kv/bits_per_element": 8.0 * m.bytes / m.elements if m.elements else 0.0,
+        "kv/compression": fp16 / m.bytes if m.bytes else 0.0,
+    }

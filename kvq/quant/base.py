@@ -1,0 +1,365 @@
+"""The shared quantize/dequantize path.
+
+A *unit* is one row of features that shares a bit width (one token of one KV head, one token
+of one layer, or one token of the whole model; see :mod:`kvq.cache`). A unit's ``D`` features
+are split into groups of ``group_size`` (the last group may be smaller; ``None`` or a size
+``>= D`` means one group per unit), each group gets its own statistics, and every method only
+says how it turns a group's statistics into decision boundaries and reconstruction levels:
+
+=========  =======================================  ==========================
+method     stored per group (fp16)                  codes -> value
+=========  =======================================  ==========================
+uniform    zero-point + scale (asymmetric) or        ``zero + c * scale``
+           scale (symmetric)
+normal     mean + std                               ``mean + std * L[c]``, L the
+                                                    N(0,1) equal-mass bin means
+adaptive   codebook of ``2**bits`` levels            ``C[c]``
+=========  =======================================  ==========================
+
+Optional outliers (the top and bottom ``outlier_ratio / 2`` of each unit) are excluded from the
+statistics and stored sparsely in fp16 with their index. Codes are bit-packed
+(:mod:`kvq.quant.packing`). Units may carry different bit widths (attention-aware allocation):
+units are then partitioned by width, and the per-unit widths are stored as one uint8 each.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from kvq.quant.packing import pack_codes, packed_nbytes, unpack_codes
+
+__all__ = [
+    "MAX_BITS",
+    "MIN_BITS",
+    "QPart",
+    "QTensor",
+    "Quantizer",
+    "check_bits",
+    "fp16_round_down",
+    "fp16_round_up",
+    "index_dtype",
+]
+
+MIN_BITS, MAX_BITS = 1, 8
+_FP16_TINY = 2.0**-24  # smallest positive fp16 (subnormal)
+
+
+def check_bits(bits: int, name: str = "bits") -> None:
+    """Raise a one-line ValueError unless ``bits`` is an integer in 1..8."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{name} must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+
+
+def fp16_round_down(x: torch.Tensor) -> torch.Tensor:
+    """Largest fp16 value ``<= x`` (elementwise), returned as fp16."""
+    h = x.half()
+    return torch.where(h.float() > x, torch.nextafter(h, torch.full_like(h, -math.inf)), h)
+
+
+def fp16_round_up(x: torch.Tensor) -> torch.Tensor:
+    """Smallest fp16 value ``>= x`` (elementwise), returned as fp16."""
+    h = x.half()
+    return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, math.inf)), h)
+
+
+def index_dtype(unit_size: int) -> torch.dtype:
+    """Smallest integer dtype that can index a unit of ``unit_size`` features."""
+    if unit_size <= 256:
+        return torch.uint8
+    if unit_size <= 32768:
+        return torch.int16
+    return torch.int32
+
+
+@dataclass
+class QPart:
+    """The units of one bit width.
+
+    Attributes:
+        bits: code width of these units.
+        n_units: number of units in this part.
+        codes: packed codes, uint8 ``[packed_nbytes(n_units * D, bits)]``.
+        meta: per-group statistics, each fp16 ``[n_units, n_groups, k]``.
+    """
+
+    bits: int
+    n_units: int
+    codes: torch.Tensor
+    meta: dict[str, torch.Tensor]
+
+    def nbytes(self) -> int:
+        return self.codes.numel() * self.codes.element_size() + sum(
+            t.numel() * t.element_size() for t in self.meta.values()
+        )
+
+
+@dataclass
+class QTensor:
+    """A quantized ``[N, D]`` block of units.
+
+    Attributes:
+        n_units: ``N``.
+        unit_size: ``D``.
+        parts: one :class:`QPart` per distinct bit width, in increasing width.
+        unit_bits: uint8 ``[N]`` bit width of each unit when widths vary, else ``None``.
+        outlier_values: fp16 ``[N, 2k]`` outliers kept in full precision (or ``None``).
+        outlier_index: ``[N, 2k]`` their feature index in the unit (uint8/int16/int32).
+        raw: full-precision storage for the ``none`` method (``[N, D]``), else ``None``.
+    """
+
+    n_units: int
+    unit_size: int
+    parts: list[QPart] = field(default_factory=list)
+    unit_bits: torch.Tensor | None = None
+    outlier_values: torch.Tensor | None = None
+    outlier_index: torch.Tensor | None = None
+    raw: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this block holds (what :meth:`nbytes` counts)."""
+        out = [p.codes for p in self.parts] + [t for p in self.parts for t in p.meta.values()]
+        for t in (self.unit_bits, self.outlier_values, self.outlier_index, self.raw):
+            if t is not None:
+                out.append(t)
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes actually held by this block's tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def mean_bits(self) -> float:
+        """Mean code width over units (0 for full-precision storage)."""
+        if not self.parts:
+            return 0.0
+        return sum(p.bits * p.n_units for p in self.parts) / max(self.n_units, 1)
+
+
+@dataclass
+class Quantizer:
+    """Base class: grouping, outliers, bit packing and per-width partitioning, written once.
+
+    Subclasses implement :meth:`_fit` (statistics -> stored fp16 metadata) and
+    :meth:`_levels` (metadata -> reconstruction levels); they may override :meth:`_boundaries`,
+    :meth:`_assign` and :meth:`_reconstruct` (e.g. closed forms for uniform grids) and must set
+    :attr:`meta_fields` (for the memory formula).
+
+    Args:
+        group_size: features per group within a unit; ``None`` = the whole unit.
+        outlier_ratio: fraction of each unit kept in full precision (top and bottom half each),
+            in ``[0, 0.5)``.
+    """
+
+    group_size: int | None = None
+    outlier_ratio: float = 0.0
+
+    name: ClassVar[str] = "base"
+    #: fp16 values stored per group, as a function of bits (see :meth:`meta_per_group`).
+    meta_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1
+        ):
+            raise ValueError(
+                f"group_size must be a positive integer or None (one group per unit), got {self.group_size!r}"
+            )
+        if not 0.0 <= float(self.outlier_ratio) < 0.5:
+            raise ValueError(f"outlier_ratio must be in [0, 0.5), got {self.outlier_ratio}")
+
+    # ------------------------------------------------------------------ layout helpers
+    def effective_group_size(self, unit_size: int) -> int:
+        """Group size actually used for a unit of ``unit_size`` features."""
+        g = self.group_size
+        return unit_size if g is None or g >= unit_size else g
+
+    def n_groups(self, unit_size: int) -> int:
+        return -(-unit_size // self.effective_group_size(unit_size))
+
+    def n_outliers(self, unit_size: int) -> int:
+        """Outliers kept per unit on *each* side (top and bottom)."""
+        return int(math.floor(self.outlier_ratio / 2 * unit_size))
+
+    def meta_per_group(self, bits: int) -> int:
+        """fp16 values stored per group at ``bits`` bits."""
+        return len(self.meta_fields)
+
+    def symmetric_range(self) -> bool:
+        """Whether the unit's range is ``2 max|x|`` (symmetric) rather than ``max - min``."""
+        return False
+
+    def unit_range(self, x: torch.Tensor) -> torch.Tensor:
+        """Value range of each unit with its outliers excluded (QAQ's ``range``).
+
+        Args:
+            x: ``[N, D]`` units.
+
+        Returns:
+            float32 ``[N]``.
+        """
+        x = x.float()
+        k = self.n_outliers(x.shape[1])
+        if k:
+            x = x.sort(dim=1).values[:, k : x.shape[1] - k]
+        lo, hi = x.amin(dim=1), x.amax(dim=1)
+        if self.symmetric_range():
+            return 2 * torch.maximum(lo.abs(), hi.abs())
+        return hi - lo
+
+    # ------------------------------------------------------------------ method hooks
+    def _fit(self, x: torch.Tensor, valid: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+        """Group statistics -> stored metadata.
+
+        Args:
+            x: float32 ``[n, G, g]`` (padding and outliers present but marked invalid).
+            valid: bool ``[n, G, g]``, the entries that define the statistics.
+            bits: code width.
+
+        Returns:
+            fp16 tensors ``[n, G, k]`` keyed by name; the encoder sees these rounded values.
+        """
+        raise NotImplementedError
+
+    def _levels(self, meta: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+        """Reconstruction levels, float32 ``[n, G, 2**bits]`` (or broadcastable), ascending."""
+        raise NotImplementedError
+
+    def _boundaries(self, meta: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+        """Decision boundaries ``[n, G, 2**bits - 1]``; default: midpoints (nearest level)."""
+        lv = self._levels(meta, bits)
+        return (lv[..., 1:] + lv[..., :-1]) * 0.5
+
+    def _assign(self, x: torch.Tensor, meta: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+        """Codes int64 ``[n, G, g]`` in ``[0, 2**bits)``."""
+        bnd = self._boundaries(meta, bits)
+        n, G, g = x.shape
+        bnd = bnd.expand(n, G, bnd.shape[-1]).reshape(n * G, -1).contiguous()
+        return torch.searchsorted(bnd, x.reshape(n * G, g).contiguous()).view(n, G, g)
+
+    def _reconstruct(self, codes: torch.Tensor, meta: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+        """Values float32 ``[n, G, g]`` for codes ``[n, G, g]``."""
+        lv = self._levels(meta, bits)
+        n, G, _ = codes.shape
+        return torch.gather(lv.expand(n, G, lv.shape[-1]), 2, codes)
+
+    # ------------------------------------------------------------------ shared path
+    def _grouped(self, x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[n, D]`` -> padded ``[n, G, g]`` values and validity mask."""
+        n, D = x.shape
+        g = self.effective_group_size(D)
+        G = -(-D // g)
+        pad = G * g - D
+        valid = torch.ones_like(x, dtype=torch.bool) if keep is None else keep
+        if pad:
+            x = torch.nn.functional.pad(x, (0, pad))
+            valid = torch.nn.functional.pad(valid, (0, pad), value=False)
+        return x.view(n, G, g), valid.view(n, G, g)
+
+    def _split_outliers(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        k = self.n_outliers(x.shape[1])
+        if k == 0:
+            return None, None, None
+        top = x.topk(k, dim=1).indices
+        bottom = (-x).topk(k, dim=1).indices
+        idx = torch.cat([top, bottom], dim=1)
+        keep = torch.ones_like(x, dtype=torch.bool).scatter_(1, idx, False)
+        return torch.gather(x, 1, idx).half(), idx.to(index_dtype(x.shape[1])), keep
+
+    def encode(self, x: torch.Tensor, bits: int | torch.Tensor) -> QTensor:
+        """Quantize a block of units.
+
+        Args:
+            x: ``[N, D]`` floating tensor, one unit per row.
+            bits: an int (all units) or an integer tensor ``[N]`` of per-unit widths.
+
+        Returns:
+            The packed :class:`QTensor`.
+        """
+        if x.dim() != 2:
+            raise ValueError(f"encode expects [N, D] units, got shape {tuple(x.shape)}")
+        N, D = x.shape
+        x32 = x.float()
+        ov, oi, keep = self._split_outliers(x32) if N else (None, None, None)
+        qt = QTensor(n_units=N, unit_size=D, outlier_values=ov, outlier_index=oi)
+        if isinstance(bits, torch.Tensor):
+            if bits.shape != (N,):
+                raise ValueError(f"per-unit bits must have shape [{N}], got {tuple(bits.shape)}")
+            widths = [int(b) for b in torch.unique(bits).tolist()]
+            for b in widths:
+                check_bits(b)
+            if len(widths) == 1:
+                groups = [(widths[0], None)]
+            else:
+                qt.unit_bits = bits.to(torch.uint8)
+                groups = [(b, (bits == b).nonzero().squeeze(1)) for b in widths]
+        else:
+            check_bits(bits)
+            groups = [(bits, None)]
+        for b, rows in groups:
+            xs = x32 if rows is None else x32.index_select(0, rows)
+            ks = keep if keep is None or rows is None else keep.index_select(0, rows)
+            xg, valid = self._grouped(xs, ks)
+            meta = self._fit(xg, valid, b)
+            codes = self._assign(xg, meta, b).clamp_(0, (1 << b) - 1)
+            codes = codes.reshape(xs.shape[0], -1)[:, :D]
+            qt.parts.append(QPart(bits=b, n_units=xs.shape[0], codes=pack_codes(codes, b), meta=meta))
+        return qt
+
+    def decode(self, qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantize a block: ``[N, D]`` in ``dtype``."""
+        N, D = qt.n_units, qt.unit_size
+        if qt.raw is not None:
+            return qt.raw.to(dtype)
+        g = self.effective_group_size(D)
+        G = -(-D // g)
+        out: torch.Tensor | None = None
+        for part in qt.parts:
+            n = part.n_units
+            codes = unpack_codes(part.codes, part.bits, n * D).view(n, D)
+            if G * g != D:
+                codes = torch.nn.functional.pad(codes, (0, G * g - D))
+            vals = self._reconstruct(codes.view(n, G, g), part.meta, part.bits).reshape(n, G * g)[:, :D]
+            if qt.unit_bits is None:
+                out = vals
+            else:
+                if out is None:
+                    out = vals.new_empty(N, D)
+                rows = (qt.unit_bits == part.bits).nonzero().squeeze(1)
+                out.index_copy_(0, rows, vals)
+        if out is None:
+            out = torch.empty(N, D)
+        if qt.outlier_values is not None:
+            out = out.scatter(1, qt.outlier_index.long(), qt.outlier_values.float())
+        return out.to(dtype)
+
+    def fake_quant(self, x: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
+        """``decode(encode(x, bits))`` in ``x``'s dtype."""
+        return self.decode(self.encode(x, bits), x.dtype)
+
+    def nbytes_formula(
+        self, n_units: int, unit_size: int, bits: int | dict[int, int], fp_elem_size: int = 2
+    ) -> int:
+        """Bytes :meth:`encode` stores, from the shapes alone (see :mod:`kvq.memory`).
+
+        Args:
+            n_units: ``N``.
+            unit_size: ``D``.
+            bits: one width for all units, or ``{width: number of units}``.
+            fp_elem_size: bytes per element of full-precision storage (``none`` method only).
+        """
+        counts = {bits: n_units} if isinstance(bits, int) else {b: c for b, c in bits.items() if c}
+        G = self.n_groups(unit_size)
+        total = 0
+        for b, n in counts.items():
+            total += packed_nbytes(n * unit_size, b) + n * G * self.meta_per_group(b) * 2
+        if len(counts) > 1:
+            total += n_units  # uint8 width per unit
+        k = self.n_outliers(unit_size)
+        if k:
+            total += n_units * 2 * k * (2 + torch.tensor([], dtype=index_dtype(unit_size)).element_size())
+        return total
