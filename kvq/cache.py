@@ -22,7 +22,6 @@ kernel would dequantize on the fly); memory metrics count only what is stored.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -30,9 +29,16 @@ from transformers.cache_utils import Cache, DynamicLayer
 from kvq.alloc.base import BitPlan, FixedBits, Kind
 from kvq.quant.base import QTensor, Quantizer
 
-__all__ = ["GRANULARITIES", "KVQuantSpec", "NonFiniteKVError", "QuantizedCache", "QuantizedLayer"]
+__all__ = [
+    "GRANULARITIES",
+    "Granularity",
+    "KVQuantSpec",
+    "KVSettings",
+    "NonFiniteKVError",
+    "QuantizedCache",
+    "QuantizedLayer",
+]
 
-Granularity = Literal["head", "layer", "token"]
 GRANULARITIES: tuple[str, ...] = ("head", "layer", "token")
 
 
@@ -47,6 +53,43 @@ def _dtype(name: str | None) -> torch.dtype | None:
     if not isinstance(dt, torch.dtype):
         raise ValueError(f"fp_dtype must be a torch dtype name such as 'float16' or null, got {name!r}")
     return dt
+
+
+@dataclass
+class Granularity:
+    """The ``granularity`` axis: what one quantization unit is (``head``, ``layer``, ``token``)."""
+
+    unit: str = "layer"
+
+    def __post_init__(self) -> None:
+        if self.unit not in GRANULARITIES:
+            raise ValueError(f"granularity.unit must be one of {', '.join(GRANULARITIES)}, got {self.unit!r}")
+
+
+@dataclass
+class KVSettings:
+    """Cache knobs shared by every method (the ``kv`` config node).
+
+    Args:
+        residual: newest tokens kept in full precision.
+        sinks: first tokens kept in full precision.
+        outlier_ratio: fraction of each unit kept in full precision as outliers, in ``[0, 0.5)``.
+        fp_dtype: storage dtype of full-precision parts; ``null`` = the model's dtype.
+    """
+
+    residual: int = 0
+    sinks: int = 0
+    outlier_ratio: float = 0.0
+    fp_dtype: str | None = "float16"
+
+    def __post_init__(self) -> None:
+        for name in ("residual", "sinks"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"kv.{name} must be a non-negative integer, got {v!r}")
+        if not 0.0 <= float(self.outlier_ratio) < 0.5:
+            raise ValueError(f"kv.outlier_ratio must be in [0, 0.5), got {self.outlier_ratio}")
+        _dtype(self.fp_dtype)
 
 
 @dataclass

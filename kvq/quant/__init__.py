@@ -1,6 +1,6 @@
 """Pure tensor math of KV quantization: quantizers, grouping, outliers, bit packing."""
 
-from kvq.quant.base import MAX_BITS, MIN_BITS, QPart, QTensor, Quantizer
+from kvq.quant.base import MAX_BITS, MIN_BITS, Grouping, QPart, QTensor, Quantizer
 from kvq.quant.methods import (
     AdaptiveQuantizer,
     FullPrecision,
@@ -15,6 +15,7 @@ __all__ = [
     "MIN_BITS",
     "AdaptiveQuantizer",
     "FullPrecision",
+    "Grouping",
     "NormalQuantizer",
     "QPart",
     "QTensor",

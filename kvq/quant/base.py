@@ -35,6 +35,7 @@ from kvq.quant.packing import pack_codes, packed_nbytes, unpack_codes
 __all__ = [
     "MAX_BITS",
     "MIN_BITS",
+    "Grouping",
     "QPart",
     "QTensor",
     "Quantizer",
@@ -73,6 +74,23 @@ def index_dtype(unit_size: int) -> torch.dtype:
     if unit_size <= 32768:
         return torch.int16
     return torch.int32
+
+
+@dataclass
+class Grouping:
+    """The ``grouping`` axis: features per group within a unit (``None`` = one group per unit).
+
+    A size that does not divide the unit leaves a smaller last group; a size at least the
+    unit's is the same as ``None``.
+    """
+
+    size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.size is not None and (
+            isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1
+        ):
+            raise ValueError(f"grouping.size must be a positive integer or null, got {self.size!r}")
 
 
 @dataclass

@@ -1,0 +1,173 @@
+"""Evaluation protocols: how a window of tokens is scored against a quantized KV cache.
+
+* :class:`FakeQuant` — teacher-forced, one forward per window; every key/value a query attends
+  to is the stored (quantized) one. The standard for perplexity tables (KVQuant).
+* :class:`Prefill` — QAQ's setting: a prefix is prefilled in full precision, its cache is then
+  quantized as a whole (with attention from that prefill for attention-aware bits; the only
+  protocol where ``granularity=token`` is possible), and the continuation is scored against it.
+* :class:`Decode` — token by token through the cache, as in generation (slow; for checks).
+
+With attention-aware bits, :class:`FakeQuant` and :class:`Decode` first run a full-precision
+pass over the window to collect attention statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kvq.alloc.base import BitPlan
+from kvq.cache import KVQuantSpec, QuantizedCache
+from kvq.memory import measured
+
+__all__ = ["Decode", "FakeQuant", "KVSetup", "Prefill", "Protocol", "WindowResult"]
+
+
+@dataclass
+class KVSetup:
+    """Everything needed to build a cache for one window.
+
+    Args:
+        spec: quantizers, granularity, residual, sinks.
+        allocator: ``FixedBits`` or ``AttentionAwareBits``.
+        n_layers: model layers.
+    """
+
+    spec: KVQuantSpec
+    allocator: Any
+    n_layers: int
+
+    @property
+    def needs_attention(self) -> bool:
+        return bool(getattr(self.allocator, "needs_attention", False))
+
+    def cache(self, plan: BitPlan | None = None, deferred: bool = False) -> QuantizedCache:
+        return QuantizedCache(
+            self.spec, self.n_layers, plan if plan is not None else self.allocator, deferred
+        )
+
+    def plan_from_pass(self, model: torch.nn.Module, ids: torch.Tensor, **kw: Any) -> tuple[BitPlan, Any]:
+        """Run ``model(ids, **kw)`` while collecting attention statistics; returns ``(plan, output)``."""
+        col = self.allocator.collector()
+        with col.collect():
+            out = model(ids, **kw)
+        return self.allocator.plan(col.layers, self.spec.granularity, ids.shape[1]), out
+
+
+@dataclass
+class WindowResult:
+    """One window's score and cache footprint.
+
+    Attributes:
+        nll: summed negative log-likelihood (nats) of the scored tokens.
+        tokens: number of scored tokens.
+        kv_bytes: bytes the cache stored.
+        kv_elements: K/V elements the cache represented.
+        bits: mean code width per layer, ``{"key": [...], "value": [...]}``.
+    """
+
+    nll: float
+    tokens: int
+    kv_bytes: int
+    kv_elements: int
+    bits: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed cross-entropy of ``logits [B, t, V]`` against ``targets [B, t]``."""
+    return float(
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
+    )
+
+
+def _result(nll: float, tokens: int, cache: QuantizedCache) -> WindowResult:
+    m = measured(cache)
+    return WindowResult(nll, tokens, m.bytes, m.elements, cache.mean_bits_per_layer())
+
+
+@dataclass
+class Protocol:
+    """Base class of the ``eval`` config nodes."""
+
+    def score(self, model: torch.nn.Module, ids: torch.Tensor, kv: KVSetup) -> WindowResult:
+        """Score one window ``ids [B, T]``."""
+        raise NotImplementedError
+
+    @property
+    def quantizes_whole_cache(self) -> bool:
+        """Whether the cache is quantized at once after a prefill (``granularity=token`` works)."""
+        return False
+
+
+@dataclass
+class FakeQuant(Protocol):
+    """Teacher-forced perplexity, one forward per window, all K/V quantized."""
+
+    def score(self, model: torch.nn.Module, ids: torch.Tensor, kv: KVSetup) -> WindowResult:
+        plan = kv.plan_from_pass(model, ids)[0] if kv.needs_attention else None
+        cache = kv.cache(plan)
+        logits = model(ids, past_key_values=cache, use_cache=True).logits
+        return _result(_nll(logits[:, :-1], ids[:, 1:]), ids[:, 1:].numel(), cache)
+
+
+@dataclass
+class Prefill(Protocol):
+    """Prefill a prefix, quantize its cache, score the continuation against it.
+
+    The continuation's own K/V stay in full precision while it is scored (they are the
+    not-yet-committed residual), as in transformers' ``QuantizedCache``; the first continuation
+    token, predicted by the full-precision prefill, is not scored.
+
+    Args:
+        prefix_len: prefix tokens; ``None`` = half the window.
+    """
+
+    prefix_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.prefix_len is not None and self.prefix_len < 1:
+            raise ValueError(f"eval.prefix_len must be a positive integer or null, got {self.prefix_len}")
+
+    @property
+    def quantizes_whole_cache(self) -> bool:
+        return True
+
+    def split(self, T: int) -> int:
+        P = T // 2 if self.prefix_len is None else self.prefix_len
+        if not 1 <= P <= T - 2:
+            raise ValueError(
+                f"eval.prefix_len={P} leaves nothing to score in a window of {T}: lower it or raise data.seq_len"
+            )
+        return P
+
+    def score(self, model: torch.nn.Module, ids: torch.Tensor, kv: KVSetup) -> WindowResult:
+        P = self.split(ids.shape[1])
+        cache = kv.cache(deferred=True)
+        if kv.needs_attention:
+            plan, _ = kv.plan_from_pass(model, ids[:, :P], past_key_values=cache, use_cache=True)
+        else:
+            model(ids[:, :P], past_key_values=cache, use_cache=True)
+            plan = None
+        cache.quantize_now(plan)
+        m = measured(cache)
+        bits = cache.mean_bits_per_layer()
+        logits = model(ids[:, P:], past_key_values=cache, use_cache=True).logits
+        nll = _nll(logits[:, :-1], ids[:, P + 1 :])
+        return WindowResult(nll, ids[:, P + 1 :].numel(), m.bytes, m.elements, bits)
+
+
+@dataclass
+class Decode(Protocol):
+    """Token-by-token scoring through the cache, as in generation."""
+
+    def score(self, model: torch.nn.Module, ids: torch.Tensor, kv: KVSetup) -> WindowResult:
+        plan = kv.plan_from_pass(model, ids)[0] if kv.needs_attention else None
+        cache = kv.cache(plan)
+        nll = 0.0
+        for t in range(ids.shape[1] - 1):
+            logits = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+            nll += _nll(logits[:, -1:], ids[:, t + 1 : t + 2])
+        return _result(nll, ids[:, 1:].numel(), cache)

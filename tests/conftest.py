@@ -1,0 +1,86 @@
+"""Shared pytest fixtures: offline environment, kvq cache dir, models and data.
+
+The hub is switched off before anything imports ``huggingface_hub`` / ``datasets`` (they read
+these variables at import time): tests never download anything.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: ``../shared`` beside the repository (test data that the project does not ship).
+SHARED_DIR = REPO_ROOT.parent / "shared"
+WIKITEXT2_RAW_TEST = SHARED_DIR / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kvq_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point kvq's on-disk caches (token ids, datasets' Arrow files) at a session temp dir."""
+    old = os.environ.get("KVQ_CACHE_DIR")
+    path = tmp_path_factory.mktemp("kvq_cache")
+    os.environ["KVQ_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("KVQ_CACHE_DIR", None)
+    else:
+        os.environ["KVQ_CACHE_DIR"] = old
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_spec():
+    """The default tiny random Llama loader (2 layers, 4 heads, 2 KV heads, head_dim 16)."""
+    from kvq.models import TinyRandomLlama
+
+    return TinyRandomLlama()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_spec):
+    """The tiny random Llama loaded once per session on CPU (``LoadedModel``); do not mutate."""
+    return tiny_spec.load()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M (GGUF, float32, CPU) loaded once per session (``LoadedModel``).
+
+    About 15 s; use only from tests marked ``integration`` and ``slow``.
+    """
+    from kvq.models import ModelUnavailableError, SmolLM2Embedded
+
+    try:
+        return SmolLM2Embedded(dtype="float32").load()
+    except ModelUnavailableError as err:
+        pytest.skip(str(err))
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def wikitext2_raw_path() -> Path:
+    """``../shared/data/wikitext-2-raw/wiki.test.raw`` (CRLF, 2,891 non-empty lines); skip if absent."""
+    if not WIKITEXT2_RAW_TEST.is_file():
+        pytest.skip(
+            f"shared WikiText-2 file not found at {WIKITEXT2_RAW_TEST} (needs ../shared beside the repo)"
+        )
+    return WIKITEXT2_RAW_TEST
