@@ -136,7 +136,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> float:
             log.warning("skipped: %s", record["reason"])
             tracked = tracker.start(out_dir, name, resolved, [*tags, "skipped"])
             tracked.summary({"status": "skipped", "skip_reason": record["reason"]})
-            _summary_table(f"kvq {name}", [("status", "skipped"), ("reason", str(record["reason"]))])
+            print(f"kvq: skipped {name}: {record['reason']}")
             return math.nan
         for v in report.duplicates:
             log.warning("duplicate configuration (runs anyway): %s", v.line())
