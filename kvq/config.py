@@ -68,6 +68,8 @@ class RunConfig:
         seed: global seed (``lightning.seed_everything``).
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``/``cuda``).
         cache_dir: token-cache folder (``null`` = ``~/.cache/kvq``).
+        results_dir: the store of finished runs (:class:`kvq.results.ResultStore`).
+        reuse: reuse a finished run of the same experiment from the store.
     """
 
     method: Any = MISSING
@@ -82,6 +84,8 @@ class RunConfig:
     seed: int = 0
     accelerator: str = "auto"
     cache_dir: str | None = None
+    results_dir: str = "results"
+    reuse: bool = True
 
 
 def register_configs() -> None:

@@ -677,3 +677,37 @@ class TinyRandomLlama:
             f":kv={self.n_kv_heads}:ff={self.intermediate_size}:V={self.vocab_size}"
             f":P={self.max_position}:{self.dtype}"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# in-process model cache (one model load per local grid)
+# --------------------------------------------------------------------------------------------
+
+_LOADED: dict[tuple[str, str, str | None], LoadedModel] = {}
+
+
+def load_cached(
+    source: Any, device: str | torch.device = "cpu", attn_implementation: str | None = None
+) -> LoadedModel:
+    """``source.load(...)``, reusing the model loaded last when the model config is the same.
+
+    Jobs of a local Hydra multirun run in one process: jobs with the same model share one
+    load. Only the most recent model is kept (a new one releases the old), so memory stays
+    bounded on grids over several models.
+
+    Args:
+        source: a model config object (``HubModel``, ``GGUFModel``, ``SmolLM2Embedded``, ...).
+        device: where the model goes.
+        attn_implementation: attention implementation to load with.
+    """
+    key = (source.cache_key(), str(torch.device(device)), attn_implementation)
+    hit = _LOADED.get(key)
+    if hit is None:
+        _LOADED.clear()
+        hit = _LOADED[key] = source.load(device=device, attn_implementation=attn_implementation)
+    return hit
+
+
+def clear_model_cache() -> None:
+    """Drop the cached model."""
+    _LOADED.clear()

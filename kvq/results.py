@@ -1,8 +1,9 @@
-"""Run records: one ``result.json`` per run, written atomically."""
+"""Run records: one ``result.json`` per run, and a store of records keyed by experiment."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -10,7 +11,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULT_FILE", "read_result", "versions", "write_result"]
+__all__ = ["RESULT_FILE", "ResultStore", "read_result", "versions", "write_result"]
+
+log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 _PACKAGES = ("kvq", "torch", "transformers", "lightning", "hydra-core", "wandb", "datasets")
@@ -27,10 +30,11 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_result(run_dir: Path, record: dict[str, Any]) -> Path:
-    """Write ``record`` to ``run_dir/result.json`` atomically (temp file + rename)."""
+def write_result(run_dir: Path, record: dict[str, Any], name: str = RESULT_FILE) -> Path:
+    """Write ``record`` to ``run_dir/name`` (``result.json``) atomically (temp file + rename)."""
+    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / RESULT_FILE
+    path = run_dir / name
     fd, tmp = tempfile.mkstemp(prefix=".result.", suffix=".json.tmp", dir=run_dir)
     try:
         with os.fdopen(fd, "w") as f:
@@ -48,3 +52,57 @@ def write_result(run_dir: Path, record: dict[str, Any]) -> Path:
 def read_result(run_dir: Path) -> dict[str, Any]:
     """Read ``run_dir/result.json``."""
     return json.loads((Path(run_dir) / RESULT_FILE).read_text())
+
+
+class ResultStore:
+    """A folder of run records keyed by experiment (``<key>.json``), shared by every run.
+
+    A finished (``ok``) or ``skipped`` record is reused by any later run of the same experiment
+    (a re-run grid, a requeued SLURM job, a W&B agent that draws the same point); ``failed``
+    records are not stored, so failures are retried. Writes are atomic (temp file + rename);
+    a truncated or corrupt record is reported with a warning and recomputed.
+
+    Args:
+        root: the folder (created on first write).
+    """
+
+    REUSABLE = ("ok", "skipped")
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The complete record of ``key``, or ``None`` (absent, corrupt or not reusable)."""
+        p = self.path(key)
+        if not p.exists():
+            return None
+        try:
+            rec = json.loads(p.read_text())
+            if not isinstance(rec, dict) or rec.get("key") != key or rec.get("status") not in self.REUSABLE:
+                raise ValueError("incomplete record")
+            if rec["status"] == "ok" and "test/ppl" not in rec.get("metrics", {}):
+                raise ValueError("no test/ppl in an ok record")
+        except (ValueError, OSError) as e:
+            log.warning(
+                "corrupt result record %s (%s): recomputing", p, str(e).splitlines()[0] if str(e) else e
+            )
+            return None
+        return rec
+
+    def put(self, key: str, record: dict[str, Any]) -> Path | None:
+        """Store ``record`` under ``key`` if it is reusable."""
+        if record.get("status") not in self.REUSABLE:
+            return None
+        return write_result(self.root, {**record, "key": key}, name=f"{key}.json")
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every readable record in the store."""
+        out = []
+        for p in sorted(self.root.glob("*.json")):
+            rec = self.get(p.stem)
+            if rec is not None:
+                out.append(rec)
+        return out

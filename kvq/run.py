@@ -1,7 +1,17 @@
-"""``kvq.run(cfg)``: one composed configuration -> one evaluated point of the experiment space."""
+"""``kvq.run(cfg)``: one composed configuration -> one evaluated point of the experiment space.
+
+1. validate (an invalid combination is *skipped*: recorded with its reason, W&B tag ``skipped``);
+2. results store: the same experiment already finished -> reuse its record, do not recompute;
+3. load model (cached in-process across the jobs of a local grid) and data;
+4. ``lightning.Trainer.test(EvalModule)`` with a ``QuantizedCache`` in the model;
+5. the full-precision baseline of the same (model, data, protocol) from the store (computed
+   once if missing) -> ``test/delta_ppl`` and ``test/delta_ppl_pct``;
+6. ``result.json`` (always, atomically), the store, W&B, a console table.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import resource
@@ -12,16 +22,18 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kvq.results import versions, write_result
-from kvq.validate import Report, make_point, validate
+from kvq.results import ResultStore, versions, write_result
+from kvq.validate import Report, experiment_key, make_point, validate
 
 log = logging.getLogger("kvq")
 
-__all__ = ["KVQError", "run"]
+__all__ = ["KVQError", "baseline_config", "run"]
 
 _AXES = ("method", "grouping", "bits", "granularity", "model", "data", "eval")
+#: keys that say where and how a run is executed or stored, not what it measures
+_RUNTIME_KEYS = ("results_dir", "reuse")
 
 
 class KVQError(RuntimeError):
@@ -37,6 +49,20 @@ def _output_dir() -> Path:
         return Path.cwd()
 
 
+def _original_cwd() -> Path:
+    try:
+        from hydra.utils import get_original_cwd
+
+        return Path(get_original_cwd())
+    except ValueError:
+        return Path.cwd()
+
+
+def _results_dir(cfg: DictConfig) -> Path:
+    p = Path(str(cfg.get("results_dir") or "results")).expanduser()
+    return p if p.is_absolute() else _original_cwd() / p
+
+
 def _choices(cfg: DictConfig) -> dict[str, str]:
     """The option chosen per axis (from Hydra, else derived from each node's target)."""
     try:
@@ -46,6 +72,26 @@ def _choices(cfg: DictConfig) -> dict[str, str]:
         return {a: str(ch.get(a)) for a in _AXES if ch.get(a) is not None}
     except ValueError:
         return {a: str(cfg[a].get("_target_", "?")).rsplit(".", 1)[-1].lower() for a in _AXES if a in cfg}
+
+
+def _experiment_cfg(cfg: DictConfig) -> DictConfig:
+    c = copy.deepcopy(cfg)
+    with open_dict(c):
+        for k in _RUNTIME_KEYS:
+            c.pop(k, None)
+    return c
+
+
+def baseline_config(cfg: DictConfig) -> DictConfig:
+    """The full-precision baseline of ``cfg``: same model, data, protocol and seed."""
+    c = _experiment_cfg(cfg)
+    with open_dict(c):
+        c.method = {"_target_": "kvq.quant.FullPrecision", "group_size": None, "outlier_ratio": 0.0}
+        c.bits = {"_target_": "kvq.alloc.FixedBits", "key_bits": 4, "value_bits": None}
+        c.grouping = {"_target_": "kvq.quant.Grouping", "size": None}
+        c.granularity = {"_target_": "kvq.cache.Granularity", "unit": "layer"}
+        c.kv.residual, c.kv.sinks, c.kv.outlier_ratio = 0, 0, 0.0
+    return c
 
 
 def _peak_bytes(device: torch.device) -> int:
@@ -80,7 +126,7 @@ def _summary_table(title: str, rows: list[tuple[str, str]]) -> None:
     table.add_column("value", justify="right")
     for k, v in rows:
         table.add_row(k, v)
-    Console(stderr=False).print(table)
+    Console().print(table)
 
 
 def _fmt(v: float) -> str:
@@ -107,9 +153,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> float:
     out_dir = Path(out_dir) if out_dir is not None else _output_dir()
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     choices = _choices(cfg)
-    name = "-".join(
-        choices.get(a, "?") for a in ("method", "grouping", "bits", "granularity", "model", "data", "eval")
-    )
+    name = "-".join(choices.get(a, "?") for a in _AXES)
     tags = [f"{a}={c}" for a, c in choices.items()]
     record: dict[str, Any] = {
         "status": "failed",
@@ -123,12 +167,26 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> float:
     }
     tracker = instantiate(cfg.logger, _convert_="all")
     tracked = None
+    store = ResultStore(_results_dir(cfg))
     try:
         model_src = instantiate(cfg.model, _convert_="all")
         try:
             meta = model_src.meta()
         except ValueError as e:
             raise KVQError(str(e).splitlines()[0]) from e
+        key = record["key"] = experiment_key(_experiment_cfg(cfg), meta)
+        prev = store.get(key) if cfg.get("reuse", True) else None
+        if prev is not None:
+            record.update(
+                status=prev["status"],
+                reason=prev["reason"],
+                metrics=prev["metrics"],
+                reused_from=str(store.path(key)),
+            )
+            print(f"kvq: {name}: reusing the finished result {store.path(key)} ({prev['status']})")
+            tracked = tracker.start(out_dir, name, resolved, [*tags, prev["status"], "reused"])
+            tracked.summary({**prev["metrics"], "status": prev["status"], "skip_reason": prev["reason"]})
+            return float(prev["metrics"].get("test/ppl", math.nan))
         point = make_point(cfg, meta)
         report: Report = validate(cfg, meta, point)
         if not report.ok:
@@ -142,9 +200,20 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> float:
             log.warning("duplicate configuration (runs anyway): %s", v.line())
         device = _device(cfg.accelerator)
         tracked = tracker.start(out_dir, name, resolved, tags)
-        record["metrics"] = _evaluate(cfg, model_src, meta, point, device, out_dir, tracked, name)
+        metrics = _evaluate(cfg, model_src, meta, point, device, tracked.lightning_logger())
+        base = _baseline_ppl(cfg, model_src, meta, point, device, store)
+        if base is not None:
+            metrics["test/baseline_ppl"] = base
+            metrics["test/delta_ppl"] = metrics["test/ppl"] - base
+            metrics["test/delta_ppl_pct"] = 100.0 * (metrics["test/ppl"] - base) / base
+        record["metrics"] = metrics
         record["status"] = "ok"
-        return float(record["metrics"]["test/ppl"])
+        tracked.summary(metrics)
+        _summary_table(
+            f"kvq {name}",
+            [(k, _fmt(v)) for k, v in metrics.items() if not k.startswith("bits/") or k.endswith("/mean")],
+        )
+        return float(metrics["test/ppl"])
     except KVQError as e:
         record["reason"] = str(e)
         raise
@@ -157,6 +226,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> float:
     finally:
         record["finished"] = time.time()
         write_result(out_dir, record)
+        if "key" in record and "reused_from" not in record:
+            store.put(record["key"], record)
         if tracked is not None:
             if record["status"] == "failed":
                 tracked.summary({"status": "failed", "fail_reason": record["reason"]})
@@ -164,27 +235,20 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> float:
 
 
 def _evaluate(
-    cfg: DictConfig,
-    model_src: Any,
-    meta: Any,
-    point: Any,
-    device: torch.device,
-    out_dir: Path,
-    tracked: Any,
-    name: str,
+    cfg: DictConfig, model_src: Any, meta: Any, point: Any, device: torch.device, logger: Any = False
 ) -> dict[str, float]:
-    """Load the model and data, run the Lightning test loop, return the metrics."""
+    """Load the model (cached) and data, run the Lightning test loop, return the metrics."""
     import lightning as L
 
     from kvq.alloc.qaq import register_stats_attention
     from kvq.cache import KVQuantSpec
+    from kvq.models import load_cached
     from kvq.module import EvalModule
     from kvq.protocols import KVSetup
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    allocator = point.bits
-    attn = register_stats_attention() if getattr(allocator, "needs_attention", False) else None
-    loaded = model_src.load(device=device, attn_implementation=attn)
+    # kvq_stats = SDPA plus attention statistics when asked: one loaded model serves every job
+    loaded = load_cached(model_src, device=device, attn_implementation=register_stats_attention())
     source = instantiate(cfg.data, _convert_="all")
     dm = source.datamodule(loaded.tokenizer, cache_dir=cfg.cache_dir)
     spec = KVQuantSpec(
@@ -194,22 +258,54 @@ def _evaluate(
         sinks=point.kv.sinks,
         fp_dtype=point.kv.fp_dtype,
     )
-    module = EvalModule(loaded.model, point.eval, KVSetup(spec, allocator, meta.n_layers))
+    module = EvalModule(loaded.model, point.eval, KVSetup(spec, point.bits, meta.n_layers))
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
-        logger=tracked.lightning_logger(),
+        logger=logger,
         enable_checkpointing=False,
         enable_model_summary=False,
-        default_root_dir=str(out_dir),
         inference_mode=True,
     )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     trainer.test(module, datamodule=dm, verbose=False)
     metrics = dict(module.results)
     metrics["mem/peak_bytes"] = float(_peak_bytes(device))
-    tracked.summary(metrics)
-    _summary_table(
-        f"kvq {name}",
-        [(k, _fmt(v)) for k, v in metrics.items() if not k.startswith("bits/") or k.endswith("/mean")],
-    )
     return metrics
+
+
+def _baseline_ppl(
+    cfg: DictConfig, model_src: Any, meta: Any, point: Any, device: torch.device, store: ResultStore
+) -> float | None:
+    """Perplexity of the full-precision baseline (from the store; computed once if missing)."""
+    from kvq.quant import FullPrecision
+
+    if isinstance(point.method, FullPrecision):
+        return None
+    bcfg = baseline_config(cfg)
+    key = experiment_key(bcfg, meta)
+    rec = store.get(key)
+    if rec is None or rec["status"] != "ok":
+        print(f"kvq: computing the full-precision baseline once (stored as {store.path(key)})")
+        t0 = time.time()
+        metrics = _evaluate(bcfg, model_src, meta, make_point(bcfg, meta), device)
+        rec = {
+            "status": "ok",
+            "reason": None,
+            "name": "baseline-" + "-".join(_choices(cfg).get(a, "?") for a in ("model", "data", "eval")),
+            "choices": {
+                **_choices(cfg),
+                "method": "none",
+                "bits": "b4",
+                "grouping": "none",
+                "granularity": "layer",
+            },
+            "config": OmegaConf.to_container(bcfg, resolve=True),
+            "metrics": metrics,
+            "versions": versions(),
+            "started": t0,
+            "finished": time.time(),
+        }
+        store.put(key, rec)
+    return float(rec["metrics"]["test/ppl"])

@@ -38,6 +38,14 @@ def _kvq_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ["KVQ_CACHE_DIR"] = old
 
 
+@pytest.fixture(autouse=True)
+def _results_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh results store per test (``results_dir`` defaults to ``$KVQ_RESULTS_DIR``)."""
+    path = tmp_path_factory.mktemp("results_store")
+    monkeypatch.setenv("KVQ_RESULTS_DIR", str(path))
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------

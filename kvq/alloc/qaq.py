@@ -165,7 +165,7 @@ class AttentionAwareBits:
         q_quantile: percentile of the squared query norm used as ``q_norm``.
     """
 
-    target_error: float = 0.05
+    target_error: float = 0.002
     key_target_error: float | None = None
     value_target_error: float | None = None
     last_n: int = 5

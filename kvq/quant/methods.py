@@ -160,35 +160,47 @@ class AdaptiveQuantizer(Quantizer):
         return 1 << bits
 
     def _fit(self, x: torch.Tensor, valid: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+        # Everything below works on the sorted values of each group: a codebook's bins are then
+        # contiguous runs whose sums, counts and squared errors come from prefix sums.
         L = 1 << bits
-        n, G, g = x.shape
-        srt = x.masked_fill(~valid, math.inf).sort(dim=-1).values
+        srt = x.masked_fill(~valid, math.inf).sort(dim=-1).values  # [n, G, g], invalid last
         n_valid = valid.sum(dim=-1, keepdim=True)  # [n, G, 1]
-        rank = torch.arange(g, device=x.device).expand(n, G, g)
-        bins = torch.div(rank * L, n_valid.clamp_min(1), rounding_mode="floor").clamp_max(L - 1)
-        in_range = rank < n_valid
-        vals = torch.where(in_range, srt, torch.zeros_like(srt))
-        sums = torch.zeros(n, G, L, device=x.device).scatter_add_(2, bins, vals)
-        cnts = torch.zeros(n, G, L, device=x.device).scatter_add_(2, bins, in_range.float())
-        quantile = self._fill_empty(sums / cnts.clamp_min(1.0), cnts)
+        finite = torch.where(torch.isfinite(srt), srt, torch.zeros_like(srt))
+        zero = finite.new_zeros(*finite.shape[:-1], 1)
+        p1 = torch.cat([zero, finite.cumsum(-1)], dim=-1)  # [n, G, g + 1]
+        p2 = torch.cat([zero, (finite * finite).cumsum(-1)], dim=-1)
+
+        def bins(edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """Sums, sums of squares and counts of the runs ``[edges[k], edges[k + 1])``."""
+            s1, s2 = torch.gather(p1, -1, edges), torch.gather(p2, -1, edges)
+            return s1.diff(dim=-1), s2.diff(dim=-1), edges.diff(dim=-1).to(s1.dtype)
+
+        def edges_of(levels: torch.Tensor) -> torch.Tensor:
+            """Run boundaries of nearest-level coding: ``[n, G, L + 1]`` positions."""
+            mid = (levels[..., 1:] + levels[..., :-1]) * 0.5
+            pos = torch.searchsorted(srt, mid.to(srt.dtype).contiguous(), right=True)
+            pos = torch.minimum(pos, n_valid)
+            return torch.cat([torch.zeros_like(n_valid), pos, n_valid], dim=-1)
+
+        def sq_error(levels: torch.Tensor) -> torch.Tensor:
+            s1, s2, c = bins(edges_of(levels))
+            lv = levels
+            return (s2 - 2 * lv * s1 + c * lv * lv).sum(-1, keepdim=True)
+
+        def centroids(edges: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+            s1, _, c = bins(edges)
+            lv = torch.where(c > 0, s1 / c.clamp_min(1.0), old)
+            return self._fill_empty(lv, c)
+
+        # rank i goes to bin floor(i * L / n): bin k holds ranks [ceil(k n / L), ceil((k + 1) n / L))
+        rank_edges = -torch.div(-torch.arange(L + 1, device=x.device) * n_valid, L, rounding_mode="floor")
+        quantile = centroids(rank_edges, torch.zeros(*n_valid.shape[:-1], L, device=x.device))
         mn, mx = _masked_min_max(x, valid)
         grid = mn + (mx - mn) * torch.linspace(0.0, 1.0, L, device=x.device)
-        w = valid.float()
-        levels = torch.where(
-            self._sq_error(x, w, quantile, bits) <= self._sq_error(x, w, grid, bits), quantile, grid
-        )
+        levels = torch.where(sq_error(quantile) <= sq_error(grid), quantile, grid)
         for _ in range(self.lloyd_iters):
-            codes = self._assign(x, {"codebook": levels}, bits)
-            sums = torch.zeros_like(levels).scatter_add_(2, codes, x * w)
-            cnts = torch.zeros_like(levels).scatter_add_(2, codes, w)
-            levels = self._fill_empty(torch.where(cnts > 0, sums / cnts.clamp_min(1.0), levels), cnts)
+            levels = centroids(edges_of(levels), levels)
         return {"codebook": levels.half()}
-
-    def _sq_error(self, x: torch.Tensor, w: torch.Tensor, levels: torch.Tensor, bits: int) -> torch.Tensor:
-        """Per-group squared error of nearest-level coding with ``levels``: ``[n, G, 1]``."""
-        meta = {"codebook": levels}
-        err = (x - self._reconstruct(self._assign(x, meta, bits), meta, bits)) ** 2
-        return (err * w).sum(dim=-1, keepdim=True)
 
     @staticmethod
     def _fill_empty(levels: torch.Tensor, cnts: torch.Tensor) -> torch.Tensor:

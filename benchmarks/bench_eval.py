@@ -1,0 +1,95 @@
+"""Per-window evaluation time with kvq's QuantizedCache vs transformers' DynamicCache.
+
+    python benchmarks/bench_eval.py [--windows 4] [--seq-len 512] [--out benchmarks/results/eval.json]
+
+The embedded model (SmolLM2-135M, fp32 on CPU / bf16 on GPU), WikiText-2 raw test windows from
+``../shared/data`` (or the embedded pydoc text when absent), fakequant protocol (one forward
+per window, every key/value quantized), 4 bits, layer units, g128. Both caches are timed in the
+same run, interleaved window by window; the ratio is quantized / DynamicCache.
+Targets (issue): uniform <= 1.10x, adaptive <= 1.3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from kvq.alloc import FixedBits
+from kvq.cache import KVQuantSpec, QuantizedCache
+from kvq.data import LocalText, PyDoc
+from kvq.models import SmolLM2Embedded
+from kvq.quant import AdaptiveQuantizer, FullPrecision, NormalQuantizer, UniformQuantizer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results/eval.json")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lm = SmolLM2Embedded().load(device=device)
+    src = LocalText(path=str(SHARED)) if SHARED.exists() else PyDoc()
+    src.seq_len, src.max_windows = args.seq_len, args.windows
+    windows = src.datamodule(lm.tokenizer).windows.to(device)
+    n_layers = lm.meta.n_layers
+    caches = {
+        "dynamic": lambda: DynamicCache(),
+        "none": lambda: QuantizedCache(KVQuantSpec(FullPrecision()), n_layers),
+        "uniform": lambda: QuantizedCache(
+            KVQuantSpec(UniformQuantizer(group_size=128)), n_layers, FixedBits(4)
+        ),
+        "normal": lambda: QuantizedCache(
+            KVQuantSpec(NormalQuantizer(group_size=128)), n_layers, FixedBits(4)
+        ),
+        "adaptive": lambda: QuantizedCache(
+            KVQuantSpec(AdaptiveQuantizer(group_size=128)), n_layers, FixedBits(4)
+        ),
+    }
+    times: dict[str, list[float]] = {k: [] for k in caches}
+    with torch.inference_mode():
+        lm.model(windows[:1], past_key_values=DynamicCache())  # warm-up
+        for _ in range(args.repeats):
+            for w in windows:
+                for name, make in caches.items():
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    lm.model(w.unsqueeze(0), past_key_values=make(), use_cache=True)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    times[name].append(time.perf_counter() - t)
+    base = statistics.median(times["dynamic"])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"cache": name, "seconds_per_window": med, "ratio_to_dynamic": med / base})
+        print(f"{name:9s} {med * 1e3:9.1f} ms/window  {med / base:6.3f}x DynamicCache")
+    out = {
+        "benchmark": "per-window fakequant forward, SmolLM2-135M, 4 bits, layer units, g128",
+        "device": device,
+        "dtype": str(next(lm.model.parameters()).dtype),
+        "seq_len": args.seq_len,
+        "windows": args.windows,
+        "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
