@@ -32,6 +32,7 @@ __all__ = [
     "AttentionAwareBits",
     "AttentionStats",
     "AttentionStatsCollector",
+    "bridge_bits",
     "qaq_bits",
     "qaq_key_error",
     "qaq_value_error",
@@ -163,6 +164,12 @@ class AttentionAwareBits:
         n_min: fewest bits a unit gets.
         n_max: most bits a unit gets (also the newest ``last_n - 1`` tokens).
         q_quantile: percentile of the squared query norm used as ``q_norm``.
+        bridge: instead of QAQ's uniform-only formula, ask the quantizer for its own error at
+            each width (:meth:`kvq.quant.Quantizer.unit_rms_error`: analytic for uniform,
+            measured for normal and adaptive, per group) and give each unit the fewest bits
+            whose RMS error meets QAQ's tolerance expressed as an RMS (``e / sqrt(3)``, the RMS
+            of a uniform error in ``[-e, e]``). For the uniform method without grouping this is
+            QAQ's formula; it makes ``bits=attn`` meaningful for every method.
     """
 
     target_error: float = 0.002
@@ -172,6 +179,7 @@ class AttentionAwareBits:
     n_min: int = 2
     n_max: int = 8
     q_quantile: float = 0.99
+    bridge: bool = False
 
     needs_attention = True
 
@@ -260,5 +268,34 @@ class QAQPlan:
         stop = min(start + t, T)
         if stop > start:
             err[..., : stop - start] = table[..., start:stop]
+        err = err.reshape(-1)
+        if self.alloc.bridge:
+            return bridge_bits(quantizer, units, err.to(units.device), self.alloc.n_min, self.alloc.n_max)
         rng = quantizer.unit_range(units)
-        return qaq_bits(rng.cpu(), err.reshape(-1), self.alloc.n_min, self.alloc.n_max).to(units.device)
+        return qaq_bits(rng.cpu(), err, self.alloc.n_min, self.alloc.n_max).to(units.device)
+
+
+def bridge_bits(
+    quantizer: Quantizer, units: torch.Tensor, err: torch.Tensor, n_min: int, n_max: int
+) -> torch.Tensor:
+    """The fewest bits in ``[n_min, n_max]`` whose RMS error meets ``err / sqrt(3)`` per unit.
+
+    Args:
+        quantizer: supplies its own error per width (:meth:`~kvq.quant.Quantizer.unit_rms_error`).
+        units: ``[N, D]``.
+        err: ``[N]`` tolerated error (QAQ's ``e``; 0 = ``n_max``).
+
+    Returns:
+        int64 ``[N]``.
+    """
+    target = err.double() / math.sqrt(3.0)
+    bits = torch.full(err.shape, n_max, dtype=torch.int64, device=units.device)
+    todo = target > 0
+    for b in range(n_min, n_max):
+        if not todo.any():
+            break
+        rows = todo.nonzero().squeeze(1)
+        ok = quantizer.unit_rms_error(units.index_select(0, rows), b).double() <= target[rows]
+        bits[rows[ok]] = b
+        todo[rows[ok]] = False
+    return bits

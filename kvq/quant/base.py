@@ -227,6 +227,21 @@ class Quantizer:
             return 2 * torch.maximum(lo.abs(), hi.abs())
         return hi - lo
 
+    def unit_rms_error(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        """Root-mean-square error of each unit quantized at ``bits`` (the allocation bridge).
+
+        The default measures it (encode + decode); methods with a closed form override it.
+
+        Args:
+            x: ``[N, D]`` units.
+            bits: code width.
+
+        Returns:
+            float32 ``[N]``.
+        """
+        x = x.float()
+        return (self.fake_quant(x, bits) - x).pow(2).mean(dim=1).sqrt()
+
     # ------------------------------------------------------------------ method hooks
     def _fit(self, x: torch.Tensor, valid: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
         """Group statistics -> stored metadata.

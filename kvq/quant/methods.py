@@ -64,6 +64,15 @@ class UniformQuantizer(Quantizer):
         scale = fp16_round_up((mx - zero.float()) / L).clamp_min(_FP16_TINY)
         return {"zero": zero, "scale": scale}
 
+    def unit_rms_error(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        """Analytic RMS error: a uniform error of ``step / 2`` per group, ``step**2 / 12`` MSE,
+        averaged over the unit's groups by size (outliers are exact and excluded)."""
+        x = x.float()
+        xg, valid = self._grouped(x, self._split_outliers(x)[2])
+        step = self._fit(xg, valid, bits)["scale"].float().squeeze(-1)  # [N, G]
+        n = valid.sum(dim=-1).float()
+        return ((step**2 / 12 * n).sum(dim=1) / x.shape[1]).sqrt()
+
     def _offset(self, meta: dict[str, torch.Tensor], bits: int) -> torch.Tensor | float:
         if self.symmetric:
             return -((1 << bits) - 1) / 2 * meta["scale"].float()
