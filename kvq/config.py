@@ -16,7 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from kvq import data, models, protocols, tracking
+from kvq import data, models, peers, protocols, tracking
 from kvq.alloc import AttentionAwareBits, FixedBits
 from kvq.cache import Granularity, KVSettings
 from kvq.quant import AdaptiveQuantizer, FullPrecision, Grouping, NormalQuantizer, UniformQuantizer
@@ -25,7 +25,14 @@ __all__ = ["GROUPS", "RunConfig", "register_configs", "schema"]
 
 #: config group -> the classes its options may target
 GROUPS: dict[str, tuple[type, ...]] = {
-    "method": (FullPrecision, UniformQuantizer, NormalQuantizer, AdaptiveQuantizer),
+    "method": (
+        FullPrecision,
+        UniformQuantizer,
+        NormalQuantizer,
+        AdaptiveQuantizer,
+        peers.HFQuanto,
+        peers.HFHQQ,
+    ),
     "grouping": (Grouping,),
     "bits": (FixedBits, AttentionAwareBits),
     "granularity": (Granularity,),

@@ -31,20 +31,25 @@ class KVSetup:
     """Everything needed to build a cache for one window.
 
     Args:
-        spec: quantizers, granularity, residual, sinks.
+        spec: quantizers, granularity, residual, sinks -- or a peer method
+            (:mod:`kvq.peers`), which builds its own cache.
         allocator: ``FixedBits`` or ``AttentionAwareBits``.
         n_layers: model layers.
+        model_config: the model's ``PretrainedConfig`` (peer caches need it).
     """
 
-    spec: KVQuantSpec
+    spec: KVQuantSpec | Any
     allocator: Any
     n_layers: int
+    model_config: Any = None
 
     @property
     def needs_attention(self) -> bool:
         return bool(getattr(self.allocator, "needs_attention", False))
 
     def cache(self, plan: BitPlan | None = None, deferred: bool = False) -> QuantizedCache:
+        if getattr(self.spec, "is_peer", False):  # transformers' QuantizedCache: its own settings
+            return self.spec.build(self.model_config)
         return QuantizedCache(
             self.spec, self.n_layers, plan if plan is not None else self.allocator, deferred
         )

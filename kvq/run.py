@@ -251,14 +251,18 @@ def _evaluate(
     loaded = load_cached(model_src, device=device, attn_implementation=register_stats_attention())
     source = instantiate(cfg.data, _convert_="all")
     dm = source.datamodule(loaded.tokenizer, cache_dir=cfg.cache_dir)
-    spec = KVQuantSpec(
-        point.method,
-        granularity=point.granularity.unit,
-        residual=point.kv.residual,
-        sinks=point.kv.sinks,
-        fp_dtype=point.kv.fp_dtype,
-    )
-    module = EvalModule(loaded.model, point.eval, KVSetup(spec, point.bits, meta.n_layers))
+    if getattr(point.method, "is_peer", False):  # transformers' QuantizedCache builds its own cache
+        spec = point.method
+    else:
+        spec = KVQuantSpec(
+            point.method,
+            granularity=point.granularity.unit,
+            residual=point.kv.residual,
+            sinks=point.kv.sinks,
+            fp_dtype=point.kv.fp_dtype,
+        )
+    kv = KVSetup(spec, point.bits, meta.n_layers, model_config=loaded.model.config)
+    module = EvalModule(loaded.model, point.eval, kv)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,

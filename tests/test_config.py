@@ -20,7 +20,7 @@ ALL = [(g, o) for g in GROUPS for o in options(g)]
 
 
 def test_every_group_has_its_contracted_options() -> None:
-    assert options("method") == ["adaptive", "none", "normal", "uniform"]
+    assert options("method") == ["adaptive", "hf_hqq", "hf_quanto", "none", "normal", "uniform"]
     assert options("grouping") == ["g128", "g32", "g64", "none"]
     assert options("bits") == ["attn", "b2", "b3", "b4", "b8"]
     assert options("granularity") == ["head", "layer", "token"]
