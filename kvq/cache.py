@@ -21,6 +21,7 @@ kernel would dequantize on the fly); memory metrics count only what is stored.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +35,14 @@ __all__ = [
     "Granularity",
     "KVQuantSpec",
     "KVSettings",
+    "MixedKV",
     "NonFiniteKVError",
     "QuantizedCache",
     "QuantizedLayer",
 ]
 
 GRANULARITIES: tuple[str, ...] = ("head", "layer", "token")
+KEY_AXES: tuple[str, ...] = ("token", "channel")
 
 
 class NonFiniteKVError(ValueError):
@@ -75,18 +78,32 @@ class KVSettings:
         sinks: first tokens kept in full precision.
         outlier_ratio: fraction of each unit kept in full precision as outliers, in ``[0, 0.5)``.
         fp_dtype: storage dtype of full-precision parts; ``null`` = the model's dtype.
+        key_axis: ``token`` (keys quantized like values, per ``granularity``) or ``channel``
+            (KIVI/KVQuant: each key channel of a head over ``key_group`` tokens is one unit).
+        key_group: tokens per key group with ``key_axis=channel``.
+        pre_rope: quantize keys before the rotary embedding (KVQuant); RoPE is re-applied after
+            dequantization.
     """
 
     residual: int = 0
     sinks: int = 0
     outlier_ratio: float = 0.0
     fp_dtype: str | None = "float16"
+    key_axis: str = "token"
+    key_group: int = 32
+    pre_rope: bool = False
 
     def __post_init__(self) -> None:
         for name in ("residual", "sinks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"kv.{name} must be a non-negative integer, got {v!r}")
+        if self.key_axis not in KEY_AXES:
+            raise ValueError(f"kv.key_axis must be one of {', '.join(KEY_AXES)}, got {self.key_axis!r}")
+        if isinstance(self.key_group, bool) or not isinstance(self.key_group, int) or self.key_group < 1:
+            raise ValueError(
+                f"kv.key_group must be a positive integer (tokens per key group), got {self.key_group!r}"
+            )
         if not 0.0 <= float(self.outlier_ratio) < 0.5:
             raise ValueError(f"kv.outlier_ratio must be in [0, 0.5), got {self.outlier_ratio}")
         _dtype(self.fp_dtype)
@@ -104,6 +121,11 @@ class KVQuantSpec:
         sinks: first tokens kept in full precision (``>= 0``).
         fp_dtype: storage dtype of the full-precision parts (sinks, residual); ``None`` = the
             model's dtype.
+        key_axis: ``token`` or ``channel`` (keys per channel over ``key_group`` tokens; values
+            stay per token). With ``channel`` only whole groups are quantized: the newest
+            incomplete group stays in full precision.
+        key_group: tokens per key group (``key_axis="channel"``).
+        pre_rope: quantize keys before RoPE (the cache needs :attr:`QuantizedCache.rope`).
     """
 
     key_quantizer: Quantizer
@@ -112,6 +134,9 @@ class KVQuantSpec:
     residual: int = 0
     sinks: int = 0
     fp_dtype: str | None = "float16"
+    key_axis: str = "token"
+    key_group: int = 32
+    pre_rope: bool = False
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -121,8 +146,43 @@ class KVQuantSpec:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
         _dtype(self.fp_dtype)
+        if self.key_axis not in KEY_AXES:
+            raise ValueError(f"key_axis must be one of {KEY_AXES}, got {self.key_axis!r}")
+        if self.key_group < 1:
+            raise ValueError(f"key_group must be a positive integer, got {self.key_group!r}")
+        if self.key_axis == "channel" and self.granularity == "token":
+            raise ValueError(
+                "key_axis=channel quantizes keys per layer: use granularity=head or layer for values"
+            )
         if self.value_quantizer is None:
             self.value_quantizer = self.key_quantizer
+
+    @property
+    def token_block(self) -> int:
+        """Tokens are quantized in whole blocks of this size (key groups, or single tokens)."""
+        return self.key_group if self.key_axis == "channel" else 1
+
+    @property
+    def streaming_exact_needs_mixing(self) -> bool:
+        """Whether a one-pass forward must mix quantized and full-precision K/V per query
+        (a residual window or incomplete key groups make what a query sees depend on its position)."""
+        return self.residual > 0 or self.key_axis == "channel"
+
+    def units(self, kind: Kind, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, t, d]`` -> the ``[N, D]`` units of ``kind``."""
+        if kind == "key" and self.key_axis == "channel":
+            B, H, t, d = x.shape
+            G = self.key_group
+            return x.reshape(B, H, t // G, G, d).transpose(-1, -2).reshape(-1, G)
+        return to_units(x, self.granularity)
+
+    def from_units(self, kind: Kind, u: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Inverse of :meth:`units`."""
+        if kind == "key" and self.key_axis == "channel":
+            B, H, t, d = shape
+            G = self.key_group
+            return u.reshape(B, H, t // G, d, G).transpose(-1, -2).reshape(B, H, t, d)
+        return from_units(u, shape, self.granularity)
 
     def quantizer(self, kind: Kind) -> Quantizer:
         return self.key_quantizer if kind == "key" else self.value_quantizer  # type: ignore[return-value]
@@ -142,6 +202,34 @@ def from_units(u: torch.Tensor, shape: torch.Size, granularity: str) -> torch.Te
     if granularity == "head":
         return u.view(B, H, t, d)
     return u.view(B, t, H, d).permute(0, 2, 1, 3)
+
+
+KINDS: tuple[Kind, Kind] = ("key", "value")
+
+
+@dataclass
+class MixedKV:
+    """What a one-pass forward needs to reproduce streaming: the full-precision K/V and, per
+    query, which keys are seen quantized (the rest are seen in full precision).
+
+    Attributes:
+        keys: ``[B, H, Tk, d]`` full-precision keys (as the cache would hold them unquantized).
+        values: ``[B, H, Tk, d]`` full-precision values.
+        quantized: bool ``[Tq, Tk]``.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    quantized: torch.Tensor
+
+
+#: layer index -> mixing info of the forward in flight, consumed by the ``kvq`` attention function
+_MIX: dict[int, MixedKV] = {}
+
+
+def pop_mixed(layer_idx: int) -> MixedKV | None:
+    """Take the mixing info a layer left for its attention call (``None`` = plain attention)."""
+    return _MIX.pop(layer_idx, None)
 
 
 class QuantizedLayer(DynamicLayer):
@@ -169,6 +257,8 @@ class QuantizedLayer(DynamicLayer):
         self.chunks: dict[Kind, list[QTensor]] = {"key": [], "value": []}
         self.n_quantized = 0
         self.unit_bits_log: dict[Kind, list[tuple[float, int]]] = {"key": [], "value": []}
+        self.rope: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.mixing = False
 
     # -- transformers API ---------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -203,7 +293,14 @@ class QuantizedLayer(DynamicLayer):
                 )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.cumulative_length += key_states.shape[-2]
+        T_new = key_states.shape[-2]
+        mix = self.mixing and not self.deferred and T_new > 1 and self.spec.streaming_exact_needs_mixing
+        if mix:  # what each query sees depends on its position: keep the full-precision view too
+            before = {
+                k: self.materialize(k, key_states.dtype) if self.cumulative_length else None for k in KINDS
+            }
+        q_start = self.cumulative_length
+        self.cumulative_length += T_new
         for kind, x in (("key", key_states), ("value", value_states)):
             x = x.to(self.fp_dtype)
             have = 0 if self.sink[kind] is None else self.sink[kind].shape[-2]
@@ -214,7 +311,19 @@ class QuantizedLayer(DynamicLayer):
             self.res[kind] = self._cat(self.res[kind], x)
         if not self.deferred:
             self.flush()
-        return self.materialize("key", key_states.dtype), self.materialize("value", value_states.dtype)
+        keys, values = (
+            self.materialize("key", key_states.dtype),
+            self.materialize("value", value_states.dtype),
+        )
+        if mix:
+            fp = {
+                k: self._cat(before[k], x.to(self.fp_dtype).to(x.dtype))
+                for k, x in (("key", key_states), ("value", value_states))
+            }
+            _MIX[self.layer_idx] = MixedKV(
+                fp["key"], fp["value"], self.query_mix_mask(q_start, T_new, keys.shape[-2])
+            )
+        return keys, values
 
     # -- storage ------------------------------------------------------------------------
     @staticmethod
@@ -231,6 +340,7 @@ class QuantizedLayer(DynamicLayer):
         keep = self.spec.residual if keep is None else keep
         res = self.res["key"]
         n = 0 if res is None else res.shape[-2] - keep
+        n -= n % self.spec.token_block  # whole key groups only: the newest partial group waits
         if n <= 0:
             return None
         out = {}
@@ -255,15 +365,44 @@ class QuantizedLayer(DynamicLayer):
         chunk = self.take_for_quantization()
         if chunk is None:
             return
-        start = (0 if self.sink["key"] is None else self.sink["key"].shape[-2]) + self.n_quantized
+        start = self.n_sinks() + self.n_quantized
         for kind in ("key", "value"):
             x = chunk[kind]
+            pre = kind == "key" and self.spec.pre_rope
+            if pre:
+                x = self._rotate(x, start, inverse=True)
             q = self.spec.quantizer(kind)
-            units = to_units(x, self.spec.granularity)
+            units = self.spec.units(kind, x)
             bits = self.plan.unit_bits(self.layer_idx, kind, units, start, q)
             qt = q.encode(units, bits)
-            self.append_quantized(kind, qt, from_units(q.decode(qt, x.dtype), x.shape, self.spec.granularity))
+            deq = self.spec.from_units(kind, q.decode(qt, x.dtype), x.shape)
+            self.append_quantized(kind, qt, self._rotate(deq, start) if pre else deq)
         self.n_quantized += chunk["key"].shape[-2]
+
+    def n_sinks(self) -> int:
+        return 0 if self.sink["key"] is None else self.sink["key"].shape[-2]
+
+    def _rotate(self, x: torch.Tensor, start: int, inverse: bool = False) -> torch.Tensor:
+        """Apply RoPE (or undo it) to keys ``[B, H, t, d]`` at positions ``start..start+t-1``."""
+        if self.rope is None:
+            raise ValueError("kv.pre_rope=true needs the model's rotary embedding (QuantizedCache.rope)")
+        cos, sin = self.rope(x, start)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # rotate_half
+        return x * cos - rot * sin if inverse else x * cos + rot * sin
+
+    def query_mix_mask(self, q_start: int, q_len: int, k_len: int) -> torch.Tensor:
+        """``[q_len, k_len]`` True where query ``t`` sees key ``j`` quantized in streaming order.
+
+        At position ``t`` a streaming cache holds the sinks, then the tokens quantized so far --
+        ``floor((t + 1 - S - R) / G) * G`` of them, in whole blocks of ``G`` -- then the residual.
+        """
+        S, R, G = self.spec.sinks, self.spec.residual, self.spec.token_block
+        t = torch.arange(q_start, q_start + q_len).unsqueeze(1)
+        n_q = torch.div((t + 1 - S - R).clamp_min(0), G, rounding_mode="floor") * G
+        j = torch.arange(k_len).unsqueeze(0)
+        return (j >= S) & (j < S + n_q)
 
     def stored_tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer stores (the scratch copy excluded)."""
@@ -309,6 +448,17 @@ class QuantizedCache(Cache):
         self.cross_layer_chunks: dict[Kind, list[QTensor]] = {"key": [], "value": []}
         super().__init__(layers=[QuantizedLayer(i, spec, self.plan, deferred) for i in range(n_layers)])
 
+    def set_rope(self, rope: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The model's rotary embedding as ``rope(x, start) -> (cos, sin)`` (for ``pre_rope``)."""
+        for layer in self.layers:
+            layer.rope = rope
+
+    def enable_mixing(self) -> None:
+        """Reproduce streaming exactly in one-pass forwards (the ``kvq`` attention function mixes
+        quantized and full-precision K/V per query; needed with a residual window or key groups)."""
+        for layer in self.layers:
+            layer.mixing = True
+
     def set_plan(self, plan: BitPlan) -> None:
         """Use ``plan`` for every chunk stored from now on."""
         self.plan = plan
@@ -327,7 +477,7 @@ class QuantizedCache(Cache):
         if any(c is None for c in chunks):
             return
         first = self.layers[0]
-        start = (0 if first.sink["key"] is None else first.sink["key"].shape[-2]) + first.n_quantized
+        start = first.n_sinks() + first.n_quantized
         for kind in ("key", "value"):
             xs = [c[kind] for c in chunks]
             B, H, t, d = xs[0].shape

@@ -88,12 +88,16 @@ def predict_bytes(
     per_token_layer = shape.batch * shape.n_kv_heads * shape.head_dim  # elements, K or V
     fp_tokens = total_tokens - sum(chunks)
     total = 2 * shape.n_layers * fp_tokens * per_token_layer * fp_elem_size
-    D = _unit_size(spec, shape)
     layer_copies = 1 if spec.granularity == "token" else shape.n_layers
     kb, vb = (bits, bits) if isinstance(bits, int) else bits
     for i, t in enumerate(chunks):
-        n_units = t * _units_per_token(spec, shape)
         for kind, b in (("key", kb), ("value", vb)):
+            if kind == "key" and spec.key_axis == "channel":  # one unit per channel per key group
+                D = spec.key_group
+                n_units = per_token_layer * t // spec.key_group
+            else:
+                D = _unit_size(spec, shape)
+                n_units = t * _units_per_token(spec, shape)
             w = b if widths is None else widths[i][kind]
             q = spec.quantizer(kind)  # type: ignore[arg-type]
             total += layer_copies * q.nbytes_formula(n_units, D, w, fp_elem_size=fp_elem_size)

@@ -20,10 +20,28 @@ import torch
 import torch.nn.functional as F
 
 from kvq.alloc.base import BitPlan
-from kvq.cache import KVQuantSpec, QuantizedCache
+from kvq.attention import ATTN_IMPL
+from kvq.cache import _MIX, KVQuantSpec, QuantizedCache
 from kvq.memory import measured
 
-__all__ = ["Decode", "FakeQuant", "KVSetup", "Prefill", "Protocol", "WindowResult"]
+__all__ = ["Decode", "FakeQuant", "KVSetup", "Prefill", "Protocol", "WindowResult", "rope_of"]
+
+
+def rope_of(model: torch.nn.Module) -> Any:
+    """``rope(x, start) -> (cos, sin)`` from a transformers model's rotary embedding.
+
+    Returns ``None`` when the model has no ``model.rotary_emb`` (no pre-RoPE quantization then).
+    """
+    emb = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if emb is None:
+        return None
+
+    def rope(x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(start, start + x.shape[-2], device=x.device).unsqueeze(0).expand(x.shape[0], -1)
+        cos, sin = emb(x, pos)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+    return rope
 
 
 @dataclass
@@ -36,12 +54,15 @@ class KVSetup:
         allocator: ``FixedBits`` or ``AttentionAwareBits``.
         n_layers: model layers.
         model_config: the model's ``PretrainedConfig`` (peer caches need it).
+        rope: the model's rotary embedding as ``rope(x, start) -> (cos, sin)`` (``pre_rope``);
+            see :func:`rope_of`.
     """
 
     spec: KVQuantSpec | Any
     allocator: Any
     n_layers: int
     model_config: Any = None
+    rope: Any = None
 
     @property
     def needs_attention(self) -> bool:
@@ -50,9 +71,25 @@ class KVSetup:
     def cache(self, plan: BitPlan | None = None, deferred: bool = False) -> QuantizedCache:
         if getattr(self.spec, "is_peer", False):  # transformers' QuantizedCache: its own settings
             return self.spec.build(self.model_config)
-        return QuantizedCache(
+        cache = QuantizedCache(
             self.spec, self.n_layers, plan if plan is not None else self.allocator, deferred
         )
+        if self.spec.pre_rope:
+            if self.rope is None:
+                raise ValueError("kv.pre_rope=true needs the model's rotary embedding (KVSetup.rope)")
+            cache.set_rope(self.rope)
+        cache.enable_mixing()
+        return cache
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """One-line error if the model cannot reproduce streaming in a one-pass forward."""
+        if getattr(self.spec, "streaming_exact_needs_mixing", False):
+            impl = getattr(model.config, "_attn_implementation", None)
+            if impl != ATTN_IMPL:
+                raise ValueError(
+                    f"a residual window or per-channel key groups need the '{ATTN_IMPL}' attention "
+                    f"implementation (the model uses '{impl}'): load it with kvq.attention.register()"
+                )
 
     def plan_from_pass(self, model: torch.nn.Module, ids: torch.Tensor, **kw: Any) -> tuple[BitPlan, Any]:
         """Run ``model(ids, **kw)`` while collecting attention statistics; returns ``(plan, output)``."""
@@ -112,8 +149,10 @@ class FakeQuant(Protocol):
     """Teacher-forced perplexity, one forward per window, all K/V quantized."""
 
     def score(self, model: torch.nn.Module, ids: torch.Tensor, kv: KVSetup) -> WindowResult:
+        kv.check_model(model)
         plan = kv.plan_from_pass(model, ids)[0] if kv.needs_attention else None
         cache = kv.cache(plan)
+        _MIX.clear()
         logits = model(ids, past_key_values=cache, use_cache=True).logits
         return _result(_nll(logits[:, :-1], ids[:, 1:]), ids[:, 1:].numel(), cache)
 

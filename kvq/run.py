@@ -244,10 +244,10 @@ def _evaluate(
     from kvq.cache import KVQuantSpec
     from kvq.models import load_cached
     from kvq.module import EvalModule
-    from kvq.protocols import KVSetup
+    from kvq.protocols import KVSetup, rope_of
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    # kvq_stats = SDPA plus attention statistics when asked: one loaded model serves every job
+    # the kvq attention = SDPA (+ QAQ statistics, + streaming-exact mixing): one model serves every job
     loaded = load_cached(model_src, device=device, attn_implementation=register_stats_attention())
     source = instantiate(cfg.data, _convert_="all")
     dm = source.datamodule(loaded.tokenizer, cache_dir=cfg.cache_dir)
@@ -260,8 +260,13 @@ def _evaluate(
             residual=point.kv.residual,
             sinks=point.kv.sinks,
             fp_dtype=point.kv.fp_dtype,
+            key_axis=point.kv.key_axis,
+            key_group=point.kv.key_group,
+            pre_rope=point.kv.pre_rope,
         )
-    kv = KVSetup(spec, point.bits, meta.n_layers, model_config=loaded.model.config)
+    kv = KVSetup(
+        spec, point.bits, meta.n_layers, model_config=loaded.model.config, rope=rope_of(loaded.model)
+    )
     module = EvalModule(loaded.model, point.eval, kv)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",

@@ -108,3 +108,33 @@ def test_g128_is_meaningful_on_the_embedded_shape() -> None:
         D = {"head": 64, "layer": 192, "token": 5760}[gran]
         assert q.n_groups(D) == groups
         assert bits_per_element(spec, shape, 4) == pytest.approx(4 + 32 * groups / D)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    group=st.sampled_from([2, 4, 8]),
+    residual=st.integers(0, 5),
+    steps=st.lists(st.integers(1, 12), min_size=1, max_size=4),
+    method=st.sampled_from(["uniform", "adaptive", "normal"]),
+)
+def test_formula_with_per_channel_key_groups(group, residual, steps, method) -> None:
+    shape = CacheShape(n_layers=2, n_kv_heads=2, head_dim=16, batch=1)
+    spec = KVQuantSpec(
+        QUANTIZERS[method](None, 0.0),
+        granularity="head",
+        residual=residual,
+        key_axis="channel",
+        key_group=group,
+    )
+    cache = QuantizedCache(spec, shape.n_layers, FixedBits(3))
+    feed(cache, shape, steps)
+    chunks, held = [], 0
+    for t in steps:
+        held += t
+        n = held - residual
+        n -= n % group
+        if n > 0:
+            chunks.append(n)
+            held -= n
+    assert all(c % group == 0 for c in chunks)
+    assert cache.nbytes() == predict_bytes(spec, shape, sum(steps), chunks, fp_elem_size=2, bits=3)

@@ -28,7 +28,6 @@ from kvq.alloc.base import Kind
 from kvq.quant.base import Quantizer, check_bits
 
 __all__ = [
-    "ATTN_IMPL",
     "AttentionAwareBits",
     "AttentionStats",
     "AttentionStatsCollector",
@@ -37,8 +36,6 @@ __all__ = [
     "qaq_key_error",
     "qaq_value_error",
 ]
-
-ATTN_IMPL = "kvq_stats"
 
 
 def qaq_key_error(q_norm: torch.Tensor, T: int, eps: float) -> torch.Tensor:
@@ -84,9 +81,9 @@ class AttentionStats:
 class AttentionStatsCollector:
     """Collects :class:`AttentionStats` per layer during a full-precision forward.
 
-    Use :meth:`collect` around ``model(...)``; the model must use the ``kvq_stats`` attention
-    implementation (see :func:`kvq.alloc.qaq.stats_attention`), which computes the normal SDPA
-    output and, on the side, the last ``last_n`` rows of attention.
+    Use :meth:`collect` around ``model(...)``; the model must use the ``kvq`` attention
+    implementation (:mod:`kvq.attention`), which computes the normal SDPA output and, on the
+    side, the last ``last_n`` rows of attention.
     """
 
     last_n: int = 5
@@ -130,26 +127,11 @@ class AttentionStatsCollector:
 _ACTIVE: AttentionStatsCollector | None = None
 
 
-def stats_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """Attention function ``kvq_stats``: SDPA output, plus reduced statistics when collecting."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if _ACTIVE is not None:
-        s = scaling if scaling is not None else query.shape[-1] ** -0.5
-        _ACTIVE.add(module.layer_idx, query, key, s)
-    return sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-    )
-
-
 def register_stats_attention() -> str:
-    """Register ``kvq_stats`` with transformers' attention and mask interfaces; returns its name."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    """Register the ``kvq`` attention implementation (SDPA + statistics); returns its name."""
+    from kvq.attention import register
 
-    ALL_ATTENTION_FUNCTIONS.register(ATTN_IMPL, stats_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPL, sdpa_mask)
-    return ATTN_IMPL
+    return register()
 
 
 @dataclass
