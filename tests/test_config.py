@@ -96,3 +96,14 @@ def test_knobs(compose) -> None:
 def test_malformed_configs_fail_at_composition(compose, override: str, error) -> None:
     with pytest.raises((error, ConfigKeyError, ValidationError)):
         compose([override])
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
+def test_experiment_presets_compose(compose, preset: str) -> None:
+    cfg = compose([f"+experiment={preset}"])
+    for group in ("method", "bits", "grouping", "granularity", "eval"):
+        instantiate(cfg[group], _convert_="all")
+    if preset.startswith("kivi"):
+        assert cfg.kv.key_axis == "channel" and cfg.granularity.unit == "head"
+    if preset.startswith("qaq"):
+        assert cfg.bits._target_ == "kvq.alloc.AttentionAwareBits" and cfg.eval._target_ == "kvq.protocols.Prefill"

@@ -1,0 +1,289 @@
+"""Quality per bit: kvq's configurations and the peer baselines on the same windows, one run.
+
+    python benchmarks/bench_quality.py [--windows 16] [--out benchmarks/results/quality]
+
+SmolLM2-135M (embedded GGUF, fp32 on CPU), the first ``--windows`` windows of 512 tokens of the
+WikiText-2 raw test split in ``../shared/data``. Two protocols:
+
+* ``prefill`` — prefill 256 tokens, quantize that cache, score the next 256 (QAQ's setting, and
+  the one where transformers' ``QuantizedCache`` — the peers — can be compared);
+* ``fakequant`` — one forward per window, every key/value a query sees quantized (streaming-exact
+  for per-channel key groups and residual windows).
+
+Writes ``quality.json`` (one record per row: ppl, Δppl %, bits/element) and, through
+``kvq.report``, ``report.md`` / ``report.csv`` / ``pareto.png``.
+Memory is what the caches really hold; the peers keep their scales and zero-points in the
+model's compute dtype (fp32 here), kvq keeps metadata in fp16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvq.alloc import AttentionAwareBits, FixedBits
+from kvq.attention import register
+from kvq.cache import KVQuantSpec
+from kvq.data import LocalText
+from kvq.models import SmolLM2Embedded
+from kvq.peers import HFHQQ, HFQuanto
+from kvq.protocols import FakeQuant, KVSetup, Prefill, rope_of
+from kvq.quant import AdaptiveQuantizer, FullPrecision, UniformQuantizer
+from kvq.report import write_report
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+@dataclass
+class Row:
+    """One configuration of the benchmark (``choices`` as a run record names them)."""
+
+    label: str
+    method: Any
+    bits: Any
+    choices: dict[str, str]
+    kv: dict[str, Any] = field(default_factory=dict)
+
+
+def rows(protocol: str) -> list[Row]:
+    u = UniformQuantizer
+    out = [
+        Row(
+            "fp16 KV",
+            FullPrecision(),
+            FixedBits(4),
+            dict(method="none", grouping="none", bits="b4", granularity="layer"),
+        )
+    ]
+    kivi = dict(key_axis="channel", key_group=32)
+    if protocol == "prefill":
+        out += [
+            Row(
+                "transformers hqq 2-bit g32",
+                HFHQQ(nbits=2, q_group_size=32, residual_length=0),
+                FixedBits(2),
+                dict(method="hf_hqq", grouping="g32", bits="b2", granularity="head"),
+            ),
+            Row(
+                "transformers quanto 2-bit g32 (keys per channel)",
+                HFQuanto(nbits=2, q_group_size=32, residual_length=0),
+                FixedBits(2),
+                dict(method="hf_quanto", grouping="g32", bits="b2", granularity="head"),
+            ),
+            Row(
+                "transformers hqq 3-bit g32",
+                HFHQQ(nbits=3, q_group_size=32, residual_length=0),
+                FixedBits(3),
+                dict(method="hf_hqq", grouping="g32", bits="b3", granularity="head"),
+            ),
+            Row(
+                "transformers quanto 4-bit g32",
+                HFQuanto(nbits=4, q_group_size=32, residual_length=0),
+                FixedBits(4),
+                dict(method="hf_quanto", grouping="g32", bits="b4", granularity="head"),
+            ),
+            Row(
+                "kvq KIVI-2: keys per channel G32, values g32",
+                u(group_size=32),
+                FixedBits(2),
+                dict(method="uniform", grouping="g32", bits="b2", granularity="head"),
+                kivi,
+            ),
+            Row(
+                "kvq 3-bit keys per channel G32, values g32",
+                u(group_size=32),
+                FixedBits(3),
+                dict(method="uniform", grouping="g32", bits="b3", granularity="head"),
+                kivi,
+            ),
+            Row(
+                "kvq 3-bit keys per channel G64, values g64",
+                u(group_size=64),
+                FixedBits(3),
+                dict(method="uniform", grouping="g64", bits="b3", granularity="head"),
+                dict(key_axis="channel", key_group=64),
+            ),
+            Row(
+                "kvq K4/V2 keys per channel G64, values g64",
+                u(group_size=64),
+                FixedBits(4, 2),
+                dict(method="uniform", grouping="g64", bits="k4v2", granularity="head"),
+                dict(key_axis="channel", key_group=64),
+            ),
+            Row(
+                "kvq 4-bit per token layer g64",
+                u(group_size=64),
+                FixedBits(4),
+                dict(method="uniform", grouping="g64", bits="b4", granularity="layer"),
+            ),
+            Row(
+                "kvq adaptive 2-bit layer g64",
+                AdaptiveQuantizer(group_size=64),
+                FixedBits(2),
+                dict(method="adaptive", grouping="g64", bits="b2", granularity="layer"),
+            ),
+            Row(
+                "QAQ-like: uniform, attention-aware (eps 0.002)",
+                u(),
+                AttentionAwareBits(),
+                dict(method="uniform", grouping="none", bits="attn", granularity="head"),
+            ),
+            Row(
+                "attention-aware, K/V targets 0.002/0.01, bridge, g64",
+                u(group_size=64),
+                AttentionAwareBits(
+                    key_target_error=0.002, value_target_error=0.01, bridge=True, n_min=2, n_max=6
+                ),
+                dict(method="uniform", grouping="g64", bits="attn", granularity="layer"),
+            ),
+            Row(
+                "attention-aware bridge, adaptive g64",
+                AdaptiveQuantizer(group_size=64),
+                AttentionAwareBits(bridge=True, n_min=2, n_max=4),
+                dict(method="adaptive", grouping="g64", bits="attn", granularity="layer"),
+            ),
+        ]
+    else:
+        out += [
+            Row(
+                "kvq 4-bit per token g32 (reference)",
+                u(group_size=32),
+                FixedBits(4),
+                dict(method="uniform", grouping="g32", bits="b4", granularity="head"),
+            ),
+            Row(
+                "kvq 4-bit per token layer g64",
+                u(group_size=64),
+                FixedBits(4),
+                dict(method="uniform", grouping="g64", bits="b4", granularity="layer"),
+            ),
+            Row(
+                "kvq KIVI-4: keys per channel G64, values g64",
+                u(group_size=64),
+                FixedBits(4),
+                dict(method="uniform", grouping="g64", bits="b4", granularity="head"),
+                dict(key_axis="channel", key_group=64),
+            ),
+            Row(
+                "kvq KIVI-4 pre-RoPE keys G64, values g64",
+                u(group_size=64),
+                FixedBits(4),
+                dict(method="uniform", grouping="g64", bits="b4", granularity="head"),
+                dict(key_axis="channel", key_group=64, pre_rope=True),
+            ),
+            Row(
+                "kvq 3-bit keys per channel G32, values g32",
+                u(group_size=32),
+                FixedBits(3),
+                dict(method="uniform", grouping="g32", bits="b3", granularity="head"),
+                kivi,
+            ),
+            Row(
+                "kvq KIVI-2: keys per channel G32, values g32",
+                u(group_size=32),
+                FixedBits(2),
+                dict(method="uniform", grouping="g32", bits="b2", granularity="head"),
+                kivi,
+            ),
+            Row(
+                "kvq K4/V3 keys per channel G64, values g64",
+                u(group_size=64),
+                FixedBits(4, 3),
+                dict(method="uniform", grouping="g64", bits="k4v3", granularity="head"),
+                dict(key_axis="channel", key_group=64),
+            ),
+            Row(
+                "QAQ-like: uniform, attention-aware (eps 0.002)",
+                u(),
+                AttentionAwareBits(),
+                dict(method="uniform", grouping="none", bits="attn", granularity="head"),
+            ),
+        ]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--protocols", default="prefill,fakequant")
+    ap.add_argument("--out", default="benchmarks/results/quality")
+    args = ap.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lm = SmolLM2Embedded(dtype="float32").load(attn_implementation=register())
+    windows = LocalText(path=str(SHARED), max_windows=args.windows).datamodule(lm.tokenizer).windows
+    rope = rope_of(lm.model)
+    records = []
+    for proto_name in args.protocols.split(","):
+        proto = Prefill() if proto_name == "prefill" else FakeQuant()
+        base = None
+        for row in rows(proto_name):
+            spec = (
+                row.method
+                if getattr(row.method, "is_peer", False)
+                else KVQuantSpec(
+                    row.method,
+                    granularity=row.choices["granularity"]
+                    if row.choices["granularity"] in ("head", "layer", "token")
+                    else "head",
+                    **row.kv,
+                )
+            )
+            kv = KVSetup(spec, row.bits, lm.meta.n_layers, model_config=lm.model.config, rope=rope)
+            t0 = time.perf_counter()
+            nll = tok = nbytes = elems = 0
+            with torch.inference_mode():
+                for w in windows:
+                    r = proto.score(lm.model, w.unsqueeze(0), kv)
+                    nll, tok, nbytes, elems = (
+                        nll + r.nll,
+                        tok + r.tokens,
+                        nbytes + r.kv_bytes,
+                        elems + r.kv_elements,
+                    )
+            ppl = math.exp(nll / tok)
+            base = ppl if base is None else base
+            m = {
+                "test/ppl": ppl,
+                "test/baseline_ppl": base,
+                "test/delta_ppl": ppl - base,
+                "test/delta_ppl_pct": 100 * (ppl - base) / base,
+                "kv/bits_per_element": 8 * nbytes / elems,
+                "kv/compression": 2 * elems / nbytes,
+                "time/eval_s": time.perf_counter() - t0,
+            }
+            rec = {
+                "status": "ok",
+                "reason": None,
+                "name": row.label,
+                "choices": {**row.choices, "model": "smollm2_135m", "data": "wikitext2", "eval": proto_name},
+                "config": {
+                    "label": row.label,
+                    "kv": row.kv,
+                    "bits": str(row.bits),
+                    "method": repr(row.method),
+                },
+                "metrics": m,
+            }
+            records.append(rec)
+            print(
+                f"{proto_name:9s} {row.label:55s} ppl {ppl:8.3f}  {m['test/delta_ppl_pct']:+7.2f}%  "
+                f"{m['kv/bits_per_element']:5.2f} bits/elem  ({m['time/eval_s']:.0f}s)",
+                flush=True,
+            )
+            (out_dir / "quality.json").write_text(
+                json.dumps({"windows": args.windows, "records": records}, indent=1, default=str)
+            )
+    files = write_report(records, out_dir)
+    print("wrote", out_dir / "quality.json", *files.values())
+
+
+if __name__ == "__main__":
+    main()
