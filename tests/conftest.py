@@ -119,3 +119,43 @@ def compose():
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# SLURM (tests marked `slurm`)
+# ---------------------------------------------------------------------------------------------
+
+#: ``../shared/scripts/start-slurm`` and ``stop-slurm``: a one-node cluster on localhost
+START_SLURM = SHARED_DIR / "scripts" / "start-slurm"
+STOP_SLURM = SHARED_DIR / "scripts" / "stop-slurm"
+
+
+def _slurm_up() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol") is None:
+        return False
+    out = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30, check=False)
+    return "is UP" in out.stdout
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[None]:
+    """A running one-node SLURM cluster, started with ``START_SLURM`` (and stopped again if this
+    fixture started it). Skips only where it cannot be started: not root, not Debian."""
+    import subprocess
+
+    if not Path("/etc/debian_version").is_file():
+        pytest.skip("the SLURM test cluster needs Debian (start-slurm installs Debian's slurm packages)")
+    if os.geteuid() != 0:
+        pytest.skip("the SLURM test cluster needs root (start-slurm installs and runs the slurm daemons)")
+    if not START_SLURM.is_file():
+        pytest.fail(f"start-slurm not found at {START_SLURM} (the repository needs ../shared beside it)")
+    was_up = _slurm_up()
+    out = subprocess.run([str(START_SLURM)], capture_output=True, text=True, timeout=900, check=False)
+    if out.returncode != 0:
+        pytest.fail(f"start-slurm failed (exit {out.returncode}): {(out.stdout + out.stderr)[-3000:]}")
+    yield
+    if not was_up:
+        subprocess.run([str(STOP_SLURM)], capture_output=True, text=True, timeout=120, check=False)

@@ -106,4 +106,7 @@ def test_experiment_presets_compose(compose, preset: str) -> None:
     if preset.startswith("kivi"):
         assert cfg.kv.key_axis == "channel" and cfg.granularity.unit == "head"
     if preset.startswith("qaq"):
-        assert cfg.bits._target_ == "kvq.alloc.AttentionAwareBits" and cfg.eval._target_ == "kvq.protocols.Prefill"
+        assert (
+            cfg.bits._target_ == "kvq.alloc.AttentionAwareBits"
+            and cfg.eval._target_ == "kvq.protocols.Prefill"
+        )

@@ -1,0 +1,1 @@
+"""Hydra sweeper plugin ``hydra/sweeper=kvq``: filters invalid and duplicate jobs before launch."""
