@@ -94,19 +94,24 @@ class KVSettings:
     pre_rope: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("residual", "sinks"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"kv.{name} must be a non-negative integer, got {v!r}")
-        if self.key_axis not in KEY_AXES:
-            raise ValueError(f"kv.key_axis must be one of {', '.join(KEY_AXES)}, got {self.key_axis!r}")
-        if isinstance(self.key_group, bool) or not isinstance(self.key_group, int) or self.key_group < 1:
-            raise ValueError(
-                f"kv.key_group must be a positive integer (tokens per key group), got {self.key_group!r}"
-            )
+        _check_knobs(self, "kv.")
         if not 0.0 <= float(self.outlier_ratio) < 0.5:
             raise ValueError(f"kv.outlier_ratio must be in [0, 0.5), got {self.outlier_ratio}")
-        _dtype(self.fp_dtype)
+
+
+def _check_knobs(obj: KVSettings | KVQuantSpec, prefix: str) -> None:
+    """The checks :class:`KVSettings` and :class:`KVQuantSpec` share (one-line ValueErrors)."""
+    for name in ("residual", "sinks"):
+        v = getattr(obj, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{prefix}{name} must be a non-negative integer, got {v!r}")
+    if obj.key_axis not in KEY_AXES:
+        raise ValueError(f"{prefix}key_axis must be one of {', '.join(KEY_AXES)}, got {obj.key_axis!r}")
+    if isinstance(obj.key_group, bool) or not isinstance(obj.key_group, int) or obj.key_group < 1:
+        raise ValueError(
+            f"{prefix}key_group must be a positive integer (tokens per key group), got {obj.key_group!r}"
+        )
+    _dtype(obj.fp_dtype)
 
 
 @dataclass
@@ -141,15 +146,7 @@ class KVQuantSpec:
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        for name in ("residual", "sinks"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
-        _dtype(self.fp_dtype)
-        if self.key_axis not in KEY_AXES:
-            raise ValueError(f"key_axis must be one of {KEY_AXES}, got {self.key_axis!r}")
-        if self.key_group < 1:
-            raise ValueError(f"key_group must be a positive integer, got {self.key_group!r}")
+        _check_knobs(self, "")
         if self.key_axis == "channel" and self.granularity == "token":
             raise ValueError(
                 "key_axis=channel quantizes keys per layer: use granularity=head or layer for values"

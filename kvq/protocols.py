@@ -120,6 +120,7 @@ class WindowResult:
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Summed cross-entropy of ``logits [B, t, V]`` against ``targets [B, t]``."""
+    logits = logits.detach()
     return float(
         F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
     )
