@@ -393,3 +393,10 @@ def test_grid_end_writes_report_and_logs_it_to_wandb(tmp_path: Path) -> None:
     assert info.returncode == 0, info.stderr
     summary = _json.dumps(_json.loads(info.stdout))
     assert "report/ok" in summary and "report/pareto_runs" in summary
+
+
+def test_kvq_report_subcommand_is_wired(tmp_path: Path, capsys) -> None:
+    from kvq.cli import main as kvq_main
+
+    assert kvq_main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
+    assert "missing" in capsys.readouterr().err
