@@ -118,6 +118,27 @@ def rows(protocol: str) -> list[Row]:
                 dict(key_axis="channel", key_group=64),
             ),
             Row(
+                "kvq K3/V2 keys per channel G64, values g64",
+                u(group_size=64),
+                FixedBits(3, 2),
+                dict(method="uniform", grouping="g64", bits="k3v2", granularity="head"),
+                dict(key_axis="channel", key_group=64),
+            ),
+            Row(
+                "kvq K3/V2 keys per channel G128, values g128 (layer)",
+                u(group_size=128),
+                FixedBits(3, 2),
+                dict(method="uniform", grouping="g128", bits="k3v2", granularity="layer"),
+                dict(key_axis="channel", key_group=128),
+            ),
+            Row(
+                "kvq K4/V3 keys per channel G64, values g64",
+                u(group_size=64),
+                FixedBits(4, 3),
+                dict(method="uniform", grouping="g64", bits="k4v3", granularity="head"),
+                dict(key_axis="channel", key_group=64),
+            ),
+            Row(
                 "kvq 4-bit per token layer g64",
                 u(group_size=64),
                 FixedBits(4),
@@ -142,6 +163,13 @@ def rows(protocol: str) -> list[Row]:
                     key_target_error=0.002, value_target_error=0.01, bridge=True, n_min=2, n_max=6
                 ),
                 dict(method="uniform", grouping="g64", bits="attn", granularity="layer"),
+            ),
+            Row(
+                "kvq keys 4-bit per channel G64 + attention-aware values (bridge, eps 0.01) g64",
+                u(group_size=64),
+                AttentionAwareBits(key_bits=4, value_target_error=0.01, bridge=True, n_min=2, n_max=6),
+                dict(method="uniform", grouping="g64", bits="attn", granularity="head"),
+                dict(key_axis="channel", key_group=64),
             ),
             Row(
                 "attention-aware bridge, adaptive g64",
@@ -177,6 +205,19 @@ def rows(protocol: str) -> list[Row]:
                 FixedBits(4),
                 dict(method="uniform", grouping="g64", bits="b4", granularity="head"),
                 dict(key_axis="channel", key_group=64, pre_rope=True),
+            ),
+            Row(
+                "kvq 4-bit keys per channel G128, values g128 (layer)",
+                u(group_size=128),
+                FixedBits(4),
+                dict(method="uniform", grouping="g128", bits="b4", granularity="layer"),
+                dict(key_axis="channel", key_group=128),
+            ),
+            Row(
+                "kvq 4-bit per token layer g128",
+                u(group_size=128),
+                FixedBits(4),
+                dict(method="uniform", grouping="g128", bits="b4", granularity="layer"),
             ),
             Row(
                 "kvq 3-bit keys per channel G32, values g32",
@@ -267,8 +308,11 @@ def main() -> None:
                 "config": {
                     "label": row.label,
                     "kv": row.kv,
-                    "bits": str(row.bits),
-                    "method": repr(row.method),
+                    "bits": {"_target_": type(row.bits).__name__, "repr": repr(row.bits)},
+                    "method": {
+                        "_target_": f"{type(row.method).__module__}.{type(row.method).__name__}",
+                        "repr": repr(row.method),
+                    },
                 },
                 "metrics": m,
             }

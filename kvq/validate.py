@@ -235,7 +235,12 @@ def _baseline_variant(p: Point) -> bool:
 
 
 def _attn_fixed(p: Point) -> bool:
-    return _kvq(p) and isinstance(p.bits, AttentionAwareBits) and p.bits.n_min == p.bits.n_max
+    return (
+        _kvq(p)
+        and isinstance(p.bits, AttentionAwareBits)
+        and p.bits.n_min == p.bits.n_max
+        and p.bits.key_bits in (None, p.bits.n_max)
+    )
 
 
 def _prefix_too_long(p: Point) -> bool:
@@ -340,13 +345,14 @@ RULES: list[Rule] = [
         "invalid",
         lambda p: (
             isinstance(p.bits, AttentionAwareBits)
+            and p.bits.key_bits is None
             and p.kv is not None
             and p.kv.key_axis == "channel"
             and not getattr(p.method, "is_peer", False)
         ),
         "bits=attn gives each token (and head) its own bit width, but kv.key_axis=channel quantizes keys "
         "per channel over groups of tokens: there is no per-token key unit to give bits to",
-        "use kv.key_axis=token with bits=attn, or fixed bits (b2/b3/b4/b8) with per-channel keys",
+        "set bits.key_bits=N (attention-aware bits for values only), use kv.key_axis=token, or fixed bits",
     ),
     Rule(
         "peer-needs-prefill",

@@ -512,3 +512,10 @@ def test_attention_aware_bits_with_per_channel_keys_are_rejected(compose) -> Non
     rep = validate(cfg)
     assert [v.rule for v in rep.invalid] == ["attn-channel-keys"]
     assert "\n" not in rep.reason()
+
+
+def test_attention_aware_values_with_per_channel_keys_are_valid(compose) -> None:
+    from kvq.validate import validate
+
+    cfg = compose(["model=tiny_random", "bits=attn", "bits.key_bits=4", "kv.key_axis=channel", "eval=prefill"])
+    assert validate(cfg).ok
