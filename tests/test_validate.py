@@ -517,5 +517,7 @@ def test_attention_aware_bits_with_per_channel_keys_are_rejected(compose) -> Non
 def test_attention_aware_values_with_per_channel_keys_are_valid(compose) -> None:
     from kvq.validate import validate
 
-    cfg = compose(["model=tiny_random", "bits=attn", "bits.key_bits=4", "kv.key_axis=channel", "eval=prefill"])
+    cfg = compose(
+        ["model=tiny_random", "bits=attn", "bits.key_bits=4", "kv.key_axis=channel", "eval=prefill"]
+    )
     assert validate(cfg).ok
