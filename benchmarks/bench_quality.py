@@ -325,6 +325,8 @@ def main() -> None:
             (out_dir / "quality.json").write_text(
                 json.dumps({"windows": args.windows, "records": records}, indent=1, default=str)
             )
+    for rec in records:  # where kvq.report says a row came from
+        rec["_path"] = rec["_root"] = str(out_dir / "quality.json")
     files = write_report(records, out_dir)
     print("wrote", out_dir / "quality.json", *files.values())
 
