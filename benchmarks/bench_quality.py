@@ -167,7 +167,7 @@ def rows(protocol: str) -> list[Row]:
             Row(
                 "kvq keys 4-bit per channel G64 + attention-aware values (bridge, eps 0.01) g64",
                 u(group_size=64),
-                AttentionAwareBits(key_bits=4, value_target_error=0.01, bridge=True, n_min=2, n_max=6),
+                AttentionAwareBits(fixed_key_bits=4, value_target_error=0.01, bridge=True, n_min=2, n_max=6),
                 dict(method="uniform", grouping="g64", bits="attn", granularity="head"),
                 dict(key_axis="channel", key_group=64),
             ),

@@ -239,7 +239,7 @@ def _attn_fixed(p: Point) -> bool:
         _kvq(p)
         and isinstance(p.bits, AttentionAwareBits)
         and p.bits.n_min == p.bits.n_max
-        and p.bits.key_bits in (None, p.bits.n_max)
+        and p.bits.fixed_key_bits in (None, p.bits.n_max)
     )
 
 
@@ -345,14 +345,14 @@ RULES: list[Rule] = [
         "invalid",
         lambda p: (
             isinstance(p.bits, AttentionAwareBits)
-            and p.bits.key_bits is None
+            and p.bits.fixed_key_bits is None
             and p.kv is not None
             and p.kv.key_axis == "channel"
             and not getattr(p.method, "is_peer", False)
         ),
         "bits=attn gives each token (and head) its own bit width, but kv.key_axis=channel quantizes keys "
         "per channel over groups of tokens: there is no per-token key unit to give bits to",
-        "set bits.key_bits=N (attention-aware bits for values only), use kv.key_axis=token, or fixed bits",
+        "set bits.fixed_key_bits=N (attention-aware bits for values only), use kv.key_axis=token, or fixed bits",
     ),
     Rule(
         "peer-needs-prefill",

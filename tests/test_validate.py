@@ -518,6 +518,6 @@ def test_attention_aware_values_with_per_channel_keys_are_valid(compose) -> None
     from kvq.validate import validate
 
     cfg = compose(
-        ["model=tiny_random", "bits=attn", "bits.key_bits=4", "kv.key_axis=channel", "eval=prefill"]
+        ["model=tiny_random", "bits=attn", "bits.fixed_key_bits=4", "kv.key_axis=channel", "eval=prefill"]
     )
     assert validate(cfg).ok

@@ -152,7 +152,7 @@ class AttentionAwareBits:
             whose RMS error meets QAQ's tolerance expressed as an RMS (``e / sqrt(3)``, the RMS
             of a uniform error in ``[-e, e]``). For the uniform method without grouping this is
             QAQ's formula; it makes ``bits=attn`` meaningful for every method.
-        key_bits: fixed width for keys (attention-aware bits for values only); needed with
+        fixed_key_bits: fixed width for keys (attention-aware bits for values only); needed with
             per-channel key groups (``kv.key_axis=channel``), which have no per-token key unit.
     """
 
@@ -164,7 +164,7 @@ class AttentionAwareBits:
     n_max: int = 8
     q_quantile: float = 0.99
     bridge: bool = False
-    key_bits: int | None = None
+    fixed_key_bits: int | None = None
 
     needs_attention = True
 
@@ -181,8 +181,8 @@ class AttentionAwareBits:
             raise ValueError(f"bits.last_n must be >= 1, got {self.last_n}")
         if not 0.0 < self.q_quantile <= 1.0:
             raise ValueError(f"bits.q_quantile must be in (0, 1], got {self.q_quantile}")
-        if self.key_bits is not None:
-            check_bits(self.key_bits, "bits.key_bits")
+        if self.fixed_key_bits is not None:
+            check_bits(self.fixed_key_bits, "bits.fixed_key_bits")
 
     def eps(self, kind: Kind) -> float:
         v = self.key_target_error if kind == "key" else self.value_target_error
@@ -244,8 +244,8 @@ class QAQPlan:
     def unit_bits(
         self, layer_idx: int, kind: Kind, units: torch.Tensor, start: int, quantizer: Quantizer
     ) -> int | torch.Tensor:
-        if kind == "key" and self.alloc.key_bits is not None:
-            return self.alloc.key_bits
+        if kind == "key" and self.alloc.fixed_key_bits is not None:
+            return self.alloc.fixed_key_bits
         table = (self.key_err if kind == "key" else self.value_err).get(layer_idx)
         N = units.shape[0]
         if table is None:

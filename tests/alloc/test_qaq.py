@@ -198,11 +198,11 @@ def test_fixed_key_bits_with_attention_aware_values() -> None:
     torch.manual_seed(5)
     col = AttentionStatsCollector(last_n=4)
     col.add(0, torch.randn(1, 4, 32, 8), torch.randn(1, 2, 32, 8), 8**-0.5)
-    alloc = AttentionAwareBits(key_bits=4, value_target_error=0.01, n_min=2, n_max=8)
+    alloc = AttentionAwareBits(fixed_key_bits=4, value_target_error=0.01, n_min=2, n_max=8)
     plan = alloc.plan(col.layers, "head", 32)
     # keys per channel in groups of 8 tokens: 2 heads x 8 channels x 4 groups units of 8 values
     assert plan.unit_bits(0, "key", torch.randn(64, 8), 0, UniformQuantizer()) == 4
     vb = plan.unit_bits(0, "value", torch.randn(64, 8) * 3, 0, UniformQuantizer())
     assert vb.shape == (64,) and vb.min() >= 2
-    with pytest.raises(ValueError, match="bits.key_bits"):
-        AttentionAwareBits(key_bits=9)
+    with pytest.raises(ValueError, match="bits.fixed_key_bits"):
+        AttentionAwareBits(fixed_key_bits=9)
