@@ -159,3 +159,28 @@ def slurm_cluster() -> Iterator[None]:
     yield
     if not was_up:
         subprocess.run([str(STOP_SLURM)], capture_output=True, text=True, timeout=120, check=False)
+
+
+def wandb_summary(run_dir: Path) -> dict:
+    """An offline W&B run read back with ``wandb leet inspect --summary --json`` (state, summary,
+    config, tags)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("wandb")),
+            "leet",
+            "inspect",
+            "--summary",
+            "--json",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)

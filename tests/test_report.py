@@ -382,16 +382,9 @@ def test_grid_end_writes_report_and_logs_it_to_wandb(tmp_path: Path) -> None:
     rep = tmp_path / "grid" / "report"
     assert {"report.md", "report.csv", "pareto.png"} <= {p.name for p in rep.iterdir()}
     (run_dir,) = list((rep / "wandb").glob("offline-run-*"))
-    wandb_bin = Path(sys.executable).with_name("wandb")
-    info = subprocess.run(
-        [str(wandb_bin), "leet", "inspect", "--summary", "--json", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
-    assert info.returncode == 0, info.stderr
-    summary = _json.dumps(_json.loads(info.stdout))
+    from .conftest import wandb_summary
+
+    summary = _json.dumps(wandb_summary(run_dir))
     assert "report/ok" in summary and "report/pareto_runs" in summary
 
 

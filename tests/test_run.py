@@ -14,7 +14,7 @@ import pytest
 from kvq.results import read_result
 from kvq.run import KVQError, run
 
-from .conftest import REPO_ROOT, TINY
+from .conftest import REPO_ROOT, TINY, wandb_summary
 
 METRICS = (
     "test/ppl",
@@ -130,19 +130,6 @@ def _cli(args: list[str], cwd: Path, env_extra: dict[str, str] | None = None) ->
     )
 
 
-def _leet(run_dir: Path) -> dict:
-    wandb_bin = Path(sys.executable).with_name("wandb")
-    out = subprocess.run(
-        [str(wandb_bin), "leet", "inspect", "--summary", "--json", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
 @pytest.mark.slow
 def test_cli_run_with_wandb_offline_files(tmp_path: Path) -> None:
     out = _cli(
@@ -154,7 +141,7 @@ def test_cli_run_with_wandb_offline_files(tmp_path: Path) -> None:
     rec = read_result(tmp_path)
     assert rec["status"] == "ok"
     (run_dir,) = list((tmp_path / "wandb").glob("offline-run-*"))
-    info = json.dumps(_leet(run_dir))
+    info = json.dumps(wandb_summary(run_dir))
     assert "test/ppl" in info and "kv/bits_per_element" in info
     assert str(round(rec["metrics"]["test/ppl"], 3))[:5] in info
 
@@ -169,7 +156,7 @@ def test_cli_skipped_run_exits_zero_with_wandb_tag(tmp_path: Path) -> None:
     assert "skipped" in out.stdout and "adaptive" in out.stdout
     assert read_result(tmp_path)["status"] == "skipped"
     (run_dir,) = list((tmp_path / "wandb").glob("offline-run-*"))
-    info = json.dumps(_leet(run_dir))
+    info = json.dumps(wandb_summary(run_dir))
     assert "skipped" in info and "skip_reason" in info
 
 

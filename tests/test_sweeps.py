@@ -15,7 +15,7 @@ import pytest
 from kvq.cli import main
 from kvq.sweep import check, command_line, expand, load_sweep
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, wandb_summary
 
 GRID = REPO_ROOT / "sweeps" / "grid.yaml"
 ATTN = REPO_ROOT / "sweeps" / "attn.yaml"
@@ -219,25 +219,6 @@ def test_cli_sweep_check(capsys, tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- runs for real
-def _leet(run_dir: Path) -> dict:
-    out = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("wandb")),
-            "leet",
-            "inspect",
-            "--summary",
-            "--json",
-            str(run_dir),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
 @pytest.mark.slow
 def test_generated_command_lines_run_for_real_with_wandb_offline(tmp_path: Path) -> None:
     """What ``wandb agent`` would run, run here: valid points log test/ppl, invalid ones are tagged."""
@@ -276,7 +257,7 @@ def test_generated_command_lines_run_for_real_with_wandb_offline(tmp_path: Path)
         assert p.returncode == 0, (run.argv, err[-3000:])
     for i, run in enumerate(picks):
         (run_dir,) = list((tmp_path / f"run{i}").glob("outputs/*/*/wandb/offline-run-*"))
-        info = _leet(run_dir)
+        info = wandb_summary(run_dir)
         assert info["exit_code"] == 0 and info["config"]["kvq"]["model"]["_target_"].endswith(
             "TinyRandomLlama"
         )
