@@ -14,9 +14,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import resource
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +34,7 @@ from kvq.validate import Report, experiment_key, make_point, validate
 
 log = logging.getLogger("kvq")
 
-__all__ = ["KVQError", "baseline_config", "run"]
+__all__ = ["KVQError", "Terminated", "baseline_config", "run"]
 
 _AXES = ("method", "grouping", "bits", "granularity", "model", "data", "eval")
 #: keys that say where and how a run is executed or stored, not what it measures
@@ -38,6 +43,53 @@ _RUNTIME_KEYS = ("results_dir", "reuse")
 
 class KVQError(RuntimeError):
     """A failure the user can fix, reported as one line (no stack trace)."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived during a run: the process exits with 128 + 15 after recording the run.
+
+    A :class:`SystemExit`, so nothing between the signal and the interpreter's exit swallows it
+    (Lightning's test loop otherwise only *notes* a SIGTERM that arrives during its last batch).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+    def __str__(self) -> str:
+        return "terminated by SIGTERM; finished results are in the store, re-run the same command to resume"
+
+
+@contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` raised in the main thread, for the duration of a run.
+
+    Only where SIGTERM would otherwise kill the process on the spot (its default action): a
+    handler someone else installed (submitit's preemption handling on SLURM, a test harness) is
+    left alone. Lightning's ``Trainer`` chains the handler found here to its own, so the signal
+    also stops an evaluation at once. The first SIGTERM raises; later ones (while the run's
+    record is written) are ignored, so the atomic writes finish.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+    pid = os.getpid()
+    fired = False
+
+    def handler(signum: int, frame: Any) -> None:
+        nonlocal fired
+        if fired or os.getpid() != pid:  # a forked data-loader worker inherits the handler
+            return
+        fired = True
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _output_dir() -> Path:
@@ -149,7 +201,14 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> float:
 
     Raises:
         KVQError: a failure the user can fix (one line); ``result.json`` is written first.
+        Terminated: SIGTERM arrived; the run is recorded as ``failed`` (not stored, so a re-run
+            recomputes it) and the process should exit with 143.
     """
+    with _exit_on_sigterm():
+        return _run(cfg, out_dir)
+
+
+def _run(cfg: DictConfig, out_dir: Path | None) -> float:
     out_dir = Path(out_dir) if out_dir is not None else _output_dir()
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     choices = _choices(cfg)
@@ -220,6 +279,10 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> float:
     except ValueError as e:  # bad input found while building or loading: one line
         record["reason"] = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise KVQError(record["reason"]) from e
+    except Terminated as e:
+        record["reason"] = str(e)
+        print(f"kvq: {name}: {e}", file=sys.stderr)
+        raise
     except BaseException as e:
         record["reason"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         raise

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from kvq import models
+from kvq.module import EvalModule
 from kvq.results import ResultStore, read_result, write_result
-from kvq.run import run
+from kvq.run import Terminated, run
 
 from .conftest import REPO_ROOT, TINY
 
@@ -85,6 +86,31 @@ def test_corrupt_store_record_is_recomputed(compose, tmp_path: Path, caplog) -> 
 
 
 # ------------------------------------------------------------------ resume after a kill
+@pytest.mark.parametrize("windows", [1, 3], ids=["last-batch", "mid-epoch"])
+def test_sigterm_during_evaluation_stops_the_run(compose, tmp_path: Path, monkeypatch, windows: int) -> None:
+    # Lightning alone only notes a SIGTERM that arrives in the last batch and runs on
+    seen = []
+    orig = EvalModule.test_step
+
+    def step(self, batch, batch_idx):
+        seen.append(batch_idx)
+        if batch_idx == windows - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig(self, batch, batch_idx)
+
+    monkeypatch.setattr(EvalModule, "test_step", step)
+    cfg = compose([*TINY, "bits=b2", f"data.max_windows={windows}"])
+    with pytest.raises(Terminated) as err:
+        run(cfg, out_dir=tmp_path / "a")
+    assert err.value.code == 143 and seen == list(range(windows))
+    rec = read_result(tmp_path / "a")
+    assert rec["status"] == "failed" and "SIGTERM" in rec["reason"] and not rec["metrics"]
+    assert not list(Path(os.environ["KVQ_RESULTS_DIR"]).glob("*.json"))  # nothing half-done stored
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only
+    monkeypatch.setattr(EvalModule, "test_step", orig)
+    assert run(cfg, out_dir=tmp_path / "b") > 0  # a re-run computes it
+
+
 GRID = [
     "model=tiny_random",
     "logger=none",
