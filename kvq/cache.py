@@ -283,7 +283,10 @@ class QuantizedLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new K/V (``[B, H_kv, T, d]``) and return everything the attention must see."""
         for kind, x in (("key", key_states), ("value", value_states)):
-            if not torch.isfinite(x).all():
+            # one reduction instead of an elementwise test: a NaN/Inf makes the sum non-finite;
+            # a non-finite sum is confirmed elementwise (huge finite float32 values can overflow it)
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            if not torch.isfinite(x.sum(dtype=acc)) and not torch.isfinite(x).all():
                 raise NonFiniteKVError(
                     f"layer {self.layer_idx}: NaN/Inf in the {kind}s reaching the KV cache "
                     "(check the model's dtype: fp16 overflows are common; try model.dtype=float32 or bfloat16)"

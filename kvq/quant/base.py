@@ -162,7 +162,8 @@ class Quantizer:
 
     Subclasses implement :meth:`_fit` (statistics -> stored fp16 metadata) and
     :meth:`_levels` (metadata -> reconstruction levels); they may override :meth:`_boundaries`,
-    :meth:`_assign` and :meth:`_reconstruct` (e.g. closed forms for uniform grids) and must set
+    :meth:`_assign`, :meth:`_fit_assign` and :meth:`_reconstruct` (e.g. closed forms for uniform
+    grids, codes from an order the fit computed anyway) and must set
     :attr:`meta_fields` (for the memory formula).
 
     Args:
@@ -248,7 +249,8 @@ class Quantizer:
 
         Args:
             x: float32 ``[n, G, g]`` (padding and outliers present but marked invalid).
-            valid: bool ``[n, G, g]``, the entries that define the statistics.
+            valid: bool, broadcastable to ``[n, G, g]`` (``[1, G, g]`` without outliers), the
+                entries that define the statistics.
             bits: code width.
 
         Returns:
@@ -266,11 +268,23 @@ class Quantizer:
         return (lv[..., 1:] + lv[..., :-1]) * 0.5
 
     def _assign(self, x: torch.Tensor, meta: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
-        """Codes int64 ``[n, G, g]`` in ``[0, 2**bits)``."""
+        """Integer codes ``[n, G, g]`` (any integer dtype; clamped to ``[0, 2**bits)`` after)."""
         bnd = self._boundaries(meta, bits)
         n, G, g = x.shape
         bnd = bnd.expand(n, G, bnd.shape[-1]).reshape(n * G, -1).contiguous()
         return torch.searchsorted(bnd, x.reshape(n * G, g).contiguous()).view(n, G, g)
+
+    def _fit_assign(
+        self, x: torch.Tensor, valid: torch.Tensor, bits: int
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`_fit` then :meth:`_assign`: ``(meta, codes [n, G, g])``.
+
+        A method whose fit already orders the values (``adaptive`` sorts each group) overrides
+        this to derive the codes from that order; the codes must equal :meth:`_assign`'s on every
+        valid entry (those of padding and outliers are never decoded).
+        """
+        meta = self._fit(x, valid, bits)
+        return meta, self._assign(x, meta, bits)
 
     def _reconstruct(self, codes: torch.Tensor, meta: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
         """Values float32 ``[n, G, g]`` for codes ``[n, G, g]``."""
@@ -280,16 +294,24 @@ class Quantizer:
 
     # ------------------------------------------------------------------ shared path
     def _grouped(self, x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[n, D]`` -> padded ``[n, G, g]`` values and validity mask."""
+        """``[n, D]`` -> zero-padded ``[n, G, g]`` values and their validity mask.
+
+        The mask is ``[n, G, g]`` with outliers (``keep`` given), else ``[1, G, g]`` (only the
+        padding is invalid, the same for every unit): methods broadcast it.
+        """
         n, D = x.shape
         g = self.effective_group_size(D)
         G = -(-D // g)
         pad = G * g - D
-        valid = torch.ones_like(x, dtype=torch.bool) if keep is None else keep
+        if keep is None:
+            valid = (torch.arange(G * g, device=x.device) < D).view(1, G, g)
+        else:
+            valid = (
+                torch.cat([keep, keep.new_zeros(n, pad)], dim=1).view(n, G, g) if pad else keep.view(n, G, g)
+            )
         if pad:
-            x = torch.nn.functional.pad(x, (0, pad))
-            valid = torch.nn.functional.pad(valid, (0, pad), value=False)
-        return x.view(n, G, g), valid.view(n, G, g)
+            x = torch.cat([x, x.new_zeros(n, pad)], dim=1)
+        return x.view(n, G, g), valid
 
     def _split_outliers(
         self, x: torch.Tensor
@@ -337,8 +359,8 @@ class Quantizer:
             xs = x32 if rows is None else x32.index_select(0, rows)
             ks = keep if keep is None or rows is None else keep.index_select(0, rows)
             xg, valid = self._grouped(xs, ks)
-            meta = self._fit(xg, valid, b)
-            codes = self._assign(xg, meta, b).clamp_(0, (1 << b) - 1)
+            meta, codes = self._fit_assign(xg, valid, b)
+            codes = codes.clamp_(0, (1 << b) - 1)
             codes = codes.reshape(xs.shape[0], -1)[:, :D]
             qt.parts.append(QPart(bits=b, n_units=xs.shape[0], codes=pack_codes(codes, b), meta=meta))
         return qt
@@ -353,10 +375,11 @@ class Quantizer:
         out: torch.Tensor | None = None
         for part in qt.parts:
             n = part.n_units
-            codes = unpack_codes(part.codes, part.bits, n * D).view(n, D)
+            codes = unpack_codes(part.codes, part.bits, n * D).view(n, D)  # uint8
             if G * g != D:
-                codes = torch.nn.functional.pad(codes, (0, G * g - D))
-            vals = self._reconstruct(codes.view(n, G, g), part.meta, part.bits).reshape(n, G * g)[:, :D]
+                codes = torch.cat([codes, codes.new_zeros(n, G * g - D)], dim=1)
+            codes = codes.view(n, G, g).long()
+            vals = self._reconstruct(codes, part.meta, part.bits).reshape(n, G * g)[:, :D]
             if qt.unit_bits is None:
                 out = vals
             else:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from kvq.quant.base import _FP16_TINY, QTensor, Quantizer, fp16_round_down, fp16_round_up
 
@@ -24,8 +25,21 @@ def _masked_min_max(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor,
     """Per-group min and max over valid entries (0 for groups with none): ``[n, G, 1]`` each."""
     mn = x.masked_fill(~valid, math.inf).amin(dim=-1, keepdim=True)
     mx = x.masked_fill(~valid, -math.inf).amax(dim=-1, keepdim=True)
-    empty = ~valid.any(dim=-1, keepdim=True)
+    empty = mn > mx  # only an empty group has min = +inf > max = -inf
     return mn.masked_fill(empty, 0.0), mx.masked_fill(empty, 0.0)
+
+
+def _sort_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.sort(dim=-1)`` for finite float32 (and +inf), by the float's bits as int32 keys.
+
+    Integer keys sort faster on CPU; the map is monotone: a negative float's magnitude bits are
+    flipped so that larger magnitudes order lower. Returns ``(sorted values, order)``.
+    """
+    if x.dtype != torch.float32:
+        return x.sort(dim=-1)
+    k = x.view(torch.int32)
+    order = (k ^ ((k >> 31) & 0x7FFFFFFF)).sort(dim=-1).indices
+    return torch.gather(x, -1, order), order
 
 
 @dataclass
@@ -83,7 +97,9 @@ class UniformQuantizer(Quantizer):
         return self._offset(meta, bits) + c * meta["scale"].float()
 
     def _assign(self, x: torch.Tensor, meta: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
-        return torch.round((x - self._offset(meta, bits)) / meta["scale"].float()).long()
+        # clamped in float (padding may fall outside the grid), then stored in one byte per code
+        c = torch.round((x - self._offset(meta, bits)) / meta["scale"].float())
+        return c.clamp_(0, (1 << bits) - 1).to(torch.uint8)
 
     def _reconstruct(self, codes: torch.Tensor, meta: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
         return self._offset(meta, bits) + codes.float() * meta["scale"].float()
@@ -153,8 +169,11 @@ class AdaptiveQuantizer(Quantizer):
        levels at the means of their bins. Each step can only lower the group's error, so the
        result is never worse than the min-max grid of the same width (up to fp16 rounding).
 
-    Values are encoded to the nearest codebook level, the optimal encoder for a given codebook.
-    Empty bins repeat the level below them, so the codebook stays ascending.
+    Values are encoded to the nearest codebook level, the optimal encoder for a given codebook;
+    the codes come from the sort the fit made (a run-length code in sorted order, scattered
+    back), not from a second search over every value. The codebook stays ascending: an empty
+    quantile bin (a group with fewer than ``2**bits`` values) repeats the level below it, and a
+    Lloyd step keeps the old level of an empty bin.
 
     Args:
         lloyd_iters: refinement steps after initialisation (0 = the better initial codebook).
@@ -169,54 +188,79 @@ class AdaptiveQuantizer(Quantizer):
         return 1 << bits
 
     def _fit(self, x: torch.Tensor, valid: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+        return self._fit_assign(x, valid, bits)[0]
+
+    def _fit_assign(
+        self, x: torch.Tensor, valid: torch.Tensor, bits: int
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         # Everything below works on the sorted values of each group: a codebook's bins are then
-        # contiguous runs whose sums, counts and squared errors come from prefix sums.
+        # contiguous runs whose sums and counts come from prefix sums, and nearest-level coding
+        # of the sorted values is a run-length code that the sort order scatters back.
         L = 1 << bits
-        srt = x.masked_fill(~valid, math.inf).sort(dim=-1).values  # [n, G, g], invalid last
-        n_valid = valid.sum(dim=-1, keepdim=True)  # [n, G, 1]
-        finite = torch.where(torch.isfinite(srt), srt, torch.zeros_like(srt))
-        zero = finite.new_zeros(*finite.shape[:-1], 1)
-        p1 = torch.cat([zero, finite.cumsum(-1)], dim=-1)  # [n, G, g + 1]
-        p2 = torch.cat([zero, (finite * finite).cumsum(-1)], dim=-1)
+        n, G, _ = x.shape
+        srt, order = _sort_groups(x.masked_fill(~valid, math.inf))  # [n, G, g], invalid last
+        counts = valid.sum(dim=-1, keepdim=True, dtype=torch.int32).long()  # [1 or n, G, 1]
+        n_valid = counts.expand(n, G, 1)
+        # prefix sums; entries past n_valid are inf but never read: every run ends at <= n_valid
+        p1 = F.pad(srt, (1, 0)).cumsum(-1)  # [n, G, g + 1]
 
-        def bins(edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """Sums, sums of squares and counts of the runs ``[edges[k], edges[k + 1])``."""
-            s1, s2 = torch.gather(p1, -1, edges), torch.gather(p2, -1, edges)
-            return s1.diff(dim=-1), s2.diff(dim=-1), edges.diff(dim=-1).to(s1.dtype)
-
-        def edges_of(levels: torch.Tensor) -> torch.Tensor:
-            """Run boundaries of nearest-level coding: ``[n, G, L + 1]`` positions."""
+        def runs(levels: torch.Tensor) -> torch.Tensor:
+            """Run ends of nearest-level coding of codebooks ``[n, G, C, L]``: ``[n, G, C, L - 1]``
+            positions ``<= n_valid`` (a value on a boundary takes the lower level, as in
+            :meth:`Quantizer._assign`). The C candidate codebooks share one search."""
             mid = (levels[..., 1:] + levels[..., :-1]) * 0.5
-            pos = torch.searchsorted(srt, mid.to(srt.dtype).contiguous(), right=True)
-            pos = torch.minimum(pos, n_valid)
-            return torch.cat([torch.zeros_like(n_valid), pos, n_valid], dim=-1)
+            return torch.searchsorted(srt, mid.reshape(n, G, -1), right=True).view(mid.shape)
 
-        def sq_error(levels: torch.Tensor) -> torch.Tensor:
-            s1, s2, c = bins(edges_of(levels))
-            lv = levels
-            return (s2 - 2 * lv * s1 + c * lv * lv).sum(-1, keepdim=True)
-
-        def centroids(edges: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-            s1, _, c = bins(edges)
-            lv = torch.where(c > 0, s1 / c.clamp_min(1.0), old)
-            return self._fill_empty(lv, c)
+        def bins(inner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Sums and counts ``[n, G, C, L]`` of the runs cut at ``inner`` ``[n, G, C, L - 1]``."""
+            nv = n_valid.unsqueeze(-1).expand(*inner.shape[:-1], 1)
+            edges = torch.cat([torch.zeros_like(nv), inner, nv], dim=-1)
+            sums = torch.gather(p1, -1, edges.reshape(n, G, -1)).view(edges.shape)
+            return sums.diff(dim=-1), edges.diff(dim=-1).to(p1.dtype)
 
         # rank i goes to bin floor(i * L / n): bin k holds ranks [ceil(k n / L), ceil((k + 1) n / L))
-        rank_edges = -torch.div(-torch.arange(L + 1, device=x.device) * n_valid, L, rounding_mode="floor")
-        quantile = centroids(rank_edges, torch.zeros(*n_valid.shape[:-1], L, device=x.device))
-        mn, mx = _masked_min_max(x, valid)
-        grid = mn + (mx - mn) * torch.linspace(0.0, 1.0, L, device=x.device)
-        levels = torch.where(sq_error(quantile) <= sq_error(grid), quantile, grid)
-        for _ in range(self.lloyd_iters):
-            levels = centroids(edges_of(levels), levels)
-        return {"codebook": levels.half()}
+        ranks = torch.arange(1, L, device=x.device)
+        rank_runs = -torch.div(-ranks * counts, L, rounding_mode="floor")  # once per group layout
+        s1, c = bins(rank_runs.expand(n, G, L - 1).unsqueeze(-2))
+        # runs are empty only where a group has fewer than L values
+        quantile = self._fill_empty(torch.where(c > 0, s1 / c.clamp_min(1.0), 0.0), c)
+        has = n_valid > 0
+        mn = torch.where(has, srt[..., :1], 0.0)
+        mx = torch.where(has, torch.gather(srt, -1, (n_valid - 1).clamp_min(0)), 0.0)
+        grid = (mn + (mx - mn) * torch.linspace(0.0, 1.0, L, device=x.device)).unsqueeze(-2)
+        # keep the candidate with the lower squared error; the group's sum of squares, common
+        # to both, drops out of sum_k (s2_k - 2 l_k s1_k + c_k l_k^2)
+        cand = torch.cat([quantile, grid], dim=-2)  # [n, G, 2, L]
+        s1, c = bins(runs(cand))
+        excess = (cand * (c * cand - 2 * s1)).sum(-1, keepdim=True)  # [n, G, 2, 1]
+        pick = excess[..., :1, :] <= excess[..., 1:, :]  # [n, G, 1, 1]: the quantile codebook
+        levels = torch.where(pick, quantile, grid)
+        # the chosen codebook's runs are the first Lloyd step's partition: not searched again
+        s1 = torch.where(pick, s1[..., :1, :], s1[..., 1:, :])
+        c = torch.where(pick, c[..., :1, :], c[..., 1:, :])
+        # A Lloyd step keeps the codebook ascending: each level (new mean or kept old level) lies
+        # between the midpoints around its old level, and those intervals are ordered.
+        for step in range(self.lloyd_iters):
+            if step:
+                s1, c = bins(runs(levels))
+            levels = torch.where(c > 0, s1 / c.clamp_min(1.0), levels)
+        levels = levels.squeeze(-2)
+        codebook = levels.half()
+        # code of sorted position j = number of run ends <= j (with the encoder's fp16 boundaries);
+        # uint8 holds every code (bits <= 8), and its cumsum and scatter are the cheap ones
+        ends = runs(codebook.float().unsqueeze(-2)).squeeze(-2)
+        marks = torch.zeros(*srt.shape[:-1], srt.shape[-1] + 1, dtype=torch.uint8, device=x.device)
+        marks.scatter_add_(-1, ends, torch.ones(1, dtype=torch.uint8, device=x.device).expand_as(ends))
+        codes = marks[..., :-1].cumsum(-1, dtype=torch.uint8)
+        codes = torch.empty_like(codes).scatter_(-1, order, codes)
+        return {"codebook": codebook}, codes
 
     @staticmethod
     def _fill_empty(levels: torch.Tensor, cnts: torch.Tensor) -> torch.Tensor:
-        """Forward-fill empty bins so the codebook stays ascending: ``[n, G, L]``."""
+        """Forward-fill empty bins (along the last axis) so the codebook stays ascending."""
         L = levels.shape[-1]
         idx = torch.where(cnts > 0, torch.arange(L, device=levels.device).expand_as(levels), 0)
-        return torch.gather(levels, 2, idx.cummax(dim=-1).values)
+        return torch.gather(levels, -1, idx.cummax(dim=-1).values)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -40,11 +40,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     if bits == 8:
         return flat
-    if bits in _FAST:
-        per = 8 // bits
-        x = flat.view(-1, per).to(torch.int32)
-        shifts = torch.arange(per, device=flat.device, dtype=torch.int32) * bits
-        return (x << shifts).sum(dim=1).to(torch.uint8)
+    if bits in _FAST:  # byte arithmetic: code j of a byte goes to bits [j * bits, (j + 1) * bits)
+        x = flat.view(-1, 8 // bits)
+        out = x[:, 0].clone()
+        for j in range(1, 8 // bits):
+            out |= x[:, j] << (j * bits)
+        return out
     x = flat.view(-1, 8).to(torch.int32)
     planes = (x.unsqueeze(-1) >> torch.arange(bits, device=flat.device, dtype=torch.int32)) & 1
     planes = planes.reshape(-1, bits, 8)  # [M, 8 codes * bits] regrouped as bytes of 8 bits
@@ -61,22 +62,21 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         n: number of codes packed.
 
     Returns:
-        int64 tensor of shape ``[n]``.
+        uint8 tensor of shape ``[n]`` (every code fits: ``bits <= 8``).
     """
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     if packed.numel() != packed_nbytes(n, bits):
         raise ValueError(f"packed buffer holds {packed.numel()} bytes, expected {packed_nbytes(n, bits)}")
     if bits == 8:
-        return packed[:n].long()
-    p = packed.to(torch.int32)
+        return packed[:n]
     if bits in _FAST:
-        per = 8 // bits
-        shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
-        out = (p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return out.reshape(-1)[:n].long()
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        out = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return out.reshape(-1)[:n]
+    p = packed.to(torch.int32)
     bytes_ = p.view(-1, bits)
     planes = (bytes_.unsqueeze(-1) >> torch.arange(8, device=packed.device, dtype=torch.int32)) & 1
     planes = planes.reshape(-1, 8, bits)  # [M, 8 codes, bits]
     weights = torch.arange(bits, device=packed.device, dtype=torch.int32)
-    return (planes << weights).sum(dim=-1).reshape(-1)[:n].long()
+    return (planes << weights).sum(dim=-1).reshape(-1)[:n].to(torch.uint8)

@@ -129,6 +129,90 @@ def test_adaptive_never_worse_than_uniform_grid(seed: int, bits: int, group: int
     assert ad <= ua * 1.01 + 1e-7
 
 
+def _adaptive_reference(v: list[float], bits: int, lloyd_iters: int) -> list[float]:
+    """The adaptive codebook of one group, written plainly in float64 (before fp16 rounding)."""
+    s, L = sorted(v), 1 << bits
+    n = len(s)
+
+    def code(x: float, lv: list[float]) -> int:  # nearest level; a value on a midpoint goes down
+        return sum(x > (a + b) / 2 for a, b in zip(lv[:-1], lv[1:]))
+
+    def err(lv: list[float]) -> float:
+        return sum((x - lv[code(x, lv)]) ** 2 for x in s)
+
+    quantile: list[float] = []
+    for k in range(L):
+        run = s[math.ceil(k * n / L) : math.ceil((k + 1) * n / L)]
+        quantile.append(sum(run) / len(run) if run else quantile[-1])
+    grid = [s[0] + (s[-1] - s[0]) * k / (L - 1) for k in range(L)] if L > 1 else [s[0]]
+    lv = quantile if err(quantile) <= err(grid) else grid
+    for _ in range(lloyd_iters):
+        bins: list[list[float]] = [[] for _ in range(L)]
+        for x in s:
+            bins[code(x, lv)].append(x)
+        lv = [sum(b) / len(b) if b else old for b, old in zip(bins, lv)]
+    return lv
+
+
+@pytest.mark.parametrize(
+    "group, ratio, bits, iters",
+    [
+        (None, 0.0, 1, 2),
+        (32, 0.0, 2, 2),
+        (40, 0.1, 3, 2),
+        (64, 0.0, 4, 0),
+        (64, 0.05, 4, 3),
+        (8, 0.0, 4, 2),
+        (1000, 0.0, 8, 2),
+    ],
+)
+def test_adaptive_codebook_matches_float64_reference(group, ratio, bits, iters) -> None:
+    torch.manual_seed(bits + iters)
+    x = torch.distributions.StudentT(torch.tensor(3.0)).sample((6, 100))  # last group smaller
+    q = AdaptiveQuantizer(group_size=group, outlier_ratio=ratio, lloyd_iters=iters)
+    qt = q.encode(x, bits)
+    book = qt.parts[0].meta["codebook"].float()  # [N, G, L]
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if qt.outlier_index is not None:
+        keep.scatter_(1, qt.outlier_index.long(), False)
+    g = q.effective_group_size(x.shape[1])
+    for i in range(x.shape[0]):
+        for j in range(book.shape[1]):
+            sl = slice(j * g, (j + 1) * g)
+            ref = torch.tensor(
+                _adaptive_reference(x[i, sl][keep[i, sl]].double().tolist(), bits, iters), dtype=torch.float64
+            )
+            # float32 sums vs float64: relative to the group's spread, then fp16 rounding
+            tol = 2e-3 * float(ref.max() - ref.min()) + 1e-6
+            assert torch.allclose(book[i, j].double(), ref, rtol=1e-3, atol=tol), (i, j, book[i, j], ref)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    shape=shapes,
+    group=st.sampled_from([None, 4, 8, 40, 64]),
+    bits=st.integers(1, 8),
+    ratio=st.sampled_from([0.0, 0.1]),
+    step=st.sampled_from([0.0, 0.25]),
+)
+def test_adaptive_codes_are_the_nearest_level(seed, shape, group, bits, ratio, step) -> None:
+    # adaptive derives its codes from the sort its fit made; they must be the shared path's
+    # nearest-level codes (ties on a midpoint included: step > 0 rounds data to a coarse grid)
+    x = _data(seed, *shape)
+    if step:
+        x = (x / step).round() * step
+    q = AdaptiveQuantizer(group_size=group, outlier_ratio=ratio)
+    _, keep = (None, None) if not q.n_outliers(x.shape[1]) else q._split_outliers(x)[1:]
+    xg, valid = q._grouped(x, keep)
+    meta, codes = q._fit_assign(xg, valid, bits)
+    book = meta["codebook"].float()
+    assert (book.diff(dim=-1) >= 0).all()  # ascending, also with empty bins (tiny groups)
+    ref = Quantizer._assign(q, xg, meta, bits)
+    valid = valid.expand_as(xg)
+    assert torch.equal(codes.long()[valid], ref[valid])
+
+
 def test_normal_codebook_matches_float64_reference() -> None:
     from scipy.stats import norm
 
@@ -154,7 +238,7 @@ def test_normal_bins_are_equal_mass_on_gaussian_data() -> None:
     qt = q.encode(x, 3)
     from kvq.quant.packing import unpack_codes
 
-    codes = unpack_codes(qt.parts[0].codes, 3, x.numel())
+    codes = unpack_codes(qt.parts[0].codes, 3, x.numel()).long()
     freq = torch.bincount(codes, minlength=8).double() / x.numel()
     assert torch.allclose(freq, torch.full((8,), 1 / 8, dtype=torch.float64), atol=0.01)
 
