@@ -183,9 +183,9 @@ class AdaptiveQuantizer(Quantizer):
 
     Values are encoded to the nearest codebook level, the optimal encoder for a given codebook;
     the codes come from the sort the fit made (a run-length code in sorted order, scattered
-    back), not from a second search over every value. The codebook stays ascending: an empty
-    quantile bin (a group with fewer than ``2**bits`` values) repeats the level below it, and a
-    Lloyd step keeps the old level of an empty bin.
+    back), not from a second search over every value. An empty bin (a quantile bin of a group
+    with fewer than ``2**bits`` values, or a bin a Lloyd step leaves empty) repeats the level
+    below it, so the codebook stays ascending and a stranded level is reused.
 
     Args:
         lloyd_iters: refinement steps after initialisation (0 = the better initial codebook).
@@ -250,12 +250,13 @@ class AdaptiveQuantizer(Quantizer):
         # the chosen codebook's runs are the first Lloyd step's partition: not searched again
         s1 = torch.where(pick, s1[..., :1, :], s1[..., 1:, :])
         c = torch.where(pick, c[..., :1, :], c[..., 1:, :])
-        # A Lloyd step keeps the codebook ascending: each level (new mean or kept old level) lies
-        # between the midpoints around its old level, and those intervals are ordered.
+        # An empty bin takes the level below it: the pair then splits that level's bin on the
+        # next step, so a level stranded in an empty stretch (the tails of a min-max grid) moves
+        # to where the values are. The codebook stays ascending.
         for step in range(self.lloyd_iters):
             if step:
                 s1, c = bins(runs(levels))
-            levels = torch.where(c > 0, s1 / c.clamp_min(1.0), levels)
+            levels = self._fill_empty(torch.where(c > 0, s1 / c.clamp_min(1.0), levels), c)
         levels = levels.squeeze(-2)
         codebook = levels.half()
         # code of sorted position j = number of run ends <= j (with the encoder's fp16 boundaries);
