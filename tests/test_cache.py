@@ -4,29 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM
 
 from kvq.alloc import AttentionAwareBits, FixedBits
 from kvq.alloc.qaq import register_stats_attention
 from kvq.cache import KVQuantSpec, NonFiniteKVError, QuantizedCache
+from kvq.models import TinyRandomLlama
 from kvq.quant import AdaptiveQuantizer, FullPrecision, NormalQuantizer, UniformQuantizer
 
 N_LAYERS = 2
+VOCAB = 512
 
 
 @pytest.fixture(scope="module")
 def tiny() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    """kvq's tiny random GQA Llama (2 layers, 4 heads, 2 KV heads), a fresh copy for this module."""
+    return TinyRandomLlama(n_layers=N_LAYERS, vocab_size=VOCAB).load().model
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +138,7 @@ def test_token_granularity_quantizes_across_layers_after_prefill(tiny, ids) -> N
     assert qt.unit_size == N_LAYERS * 2 * 16 and qt.n_units == 2 * 32
     with torch.no_grad():
         out = tiny(ids[:, 32:], past_key_values=cache).logits
-    assert out.shape == (2, 16, 256)
+    assert out.shape == (2, 16, VOCAB)
 
 
 def test_prefill_protocol_quantizes_the_prefix_only(tiny, ids) -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from kvq.alloc import FixedBits
 from kvq.attention import register
 from kvq.cache import KVQuantSpec
+from kvq.models import TinyRandomLlama
 from kvq.protocols import Decode, FakeQuant, KVSetup, rope_of
 from kvq.quant import AdaptiveQuantizer, UniformQuantizer
 
@@ -22,19 +23,8 @@ T = 40
 
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    m = LlamaForCausalLM(cfg).eval()
-    m.set_attn_implementation(register())
-    return m
+    """kvq's tiny random GQA Llama with the ``kvq`` attention, a fresh copy for this module."""
+    return TinyRandomLlama().load(attn_implementation=register()).model
 
 
 @pytest.fixture(scope="module")
@@ -104,17 +94,7 @@ def test_channel_keys_store_whole_groups_only(model, ids) -> None:
 
 
 def test_fakequant_protocol_refuses_models_without_the_kvq_attention(ids) -> None:
-    torch.manual_seed(0)
-    plain = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    ).eval()
+    plain = TinyRandomLlama().load(attn_implementation="sdpa").model
     with pytest.raises(ValueError, match="attention implementation"):
         FakeQuant().score(plain, ids, setup(plain, **SPECS["channel-g8"]))
 
