@@ -22,7 +22,8 @@ kernel would dequantize on the fly); memory metrics count only what is stored.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -69,84 +70,87 @@ class Granularity:
             raise ValueError(f"granularity.unit must be one of {', '.join(GRANULARITIES)}, got {self.unit!r}")
 
 
-@dataclass
-class KVSettings:
-    """Cache knobs shared by every method (the ``kv`` config node).
+@dataclass(kw_only=True)
+class CacheKnobs:
+    """The cache knobs of both the ``kv`` config node (:class:`KVSettings`) and the cache itself
+    (:class:`KVQuantSpec`), declared and checked once.
 
     Args:
-        residual: newest tokens kept in full precision.
-        sinks: first tokens kept in full precision.
-        outlier_ratio: fraction of each unit kept in full precision as outliers, in ``[0, 0.5)``.
-        fp_dtype: storage dtype of full-precision parts; ``null`` = the model's dtype.
+        residual: newest tokens kept in full precision (a window, ``>= 0``).
+        sinks: first tokens kept in full precision (``>= 0``).
+        fp_dtype: storage dtype of the full-precision parts (sinks, residual); ``null``/``None``
+            = the model's dtype.
         key_axis: ``token`` (keys quantized like values, per ``granularity``) or ``channel``
-            (KIVI/KVQuant: each key channel of a head over ``key_group`` tokens is one unit).
+            (KIVI/KVQuant: each key channel of a head over ``key_group`` tokens is one unit;
+            values stay per token; only whole groups are quantized, the newest incomplete group
+            stays in full precision).
         key_group: tokens per key group with ``key_axis=channel``.
         pre_rope: quantize keys before the rotary embedding (KVQuant); RoPE is re-applied after
-            dequantization.
+            dequantization (the cache needs :attr:`QuantizedCache.rope`).
     """
 
     residual: int = 0
     sinks: int = 0
-    outlier_ratio: float = 0.0
     fp_dtype: str | None = "float16"
     key_axis: str = "token"
     key_group: int = 32
     pre_rope: bool = False
 
+    def knobs(self) -> dict[str, Any]:
+        """These knobs by name (to build a :class:`KVQuantSpec` from a :class:`KVSettings`)."""
+        return {f.name: getattr(self, f.name) for f in fields(CacheKnobs)}
+
+    def _check_knobs(self, prefix: str) -> None:
+        """One-line ValueErrors, the option named with ``prefix`` (``kv.`` for the config node)."""
+        for name in ("residual", "sinks"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{prefix}{name} must be a non-negative integer, got {v!r}")
+        if self.key_axis not in KEY_AXES:
+            raise ValueError(f"{prefix}key_axis must be one of {', '.join(KEY_AXES)}, got {self.key_axis!r}")
+        if isinstance(self.key_group, bool) or not isinstance(self.key_group, int) or self.key_group < 1:
+            raise ValueError(
+                f"{prefix}key_group must be a positive integer (tokens per key group), got {self.key_group!r}"
+            )
+        _dtype(self.fp_dtype)
+
+
+@dataclass
+class KVSettings(CacheKnobs):
+    """Cache knobs shared by every method (the ``kv`` config node): :class:`CacheKnobs` plus
+
+    Args:
+        outlier_ratio: fraction of each unit kept in full precision as outliers, in ``[0, 0.5)``
+            (applied to the method's quantizer).
+    """
+
+    outlier_ratio: float = 0.0
+
     def __post_init__(self) -> None:
-        _check_knobs(self, "kv.")
+        self._check_knobs("kv.")
         if not 0.0 <= float(self.outlier_ratio) < 0.5:
             raise ValueError(f"kv.outlier_ratio must be in [0, 0.5), got {self.outlier_ratio}")
 
 
-def _check_knobs(obj: KVSettings | KVQuantSpec, prefix: str) -> None:
-    """The checks :class:`KVSettings` and :class:`KVQuantSpec` share (one-line ValueErrors)."""
-    for name in ("residual", "sinks"):
-        v = getattr(obj, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{prefix}{name} must be a non-negative integer, got {v!r}")
-    if obj.key_axis not in KEY_AXES:
-        raise ValueError(f"{prefix}key_axis must be one of {', '.join(KEY_AXES)}, got {obj.key_axis!r}")
-    if isinstance(obj.key_group, bool) or not isinstance(obj.key_group, int) or obj.key_group < 1:
-        raise ValueError(
-            f"{prefix}key_group must be a positive integer (tokens per key group), got {obj.key_group!r}"
-        )
-    _dtype(obj.fp_dtype)
-
-
 @dataclass
-class KVQuantSpec:
-    """How a cache quantizes keys and values.
+class KVQuantSpec(CacheKnobs):
+    """How a cache quantizes keys and values: the quantizers, the unit, and the
+    :class:`CacheKnobs` (keyword-only).
 
     Args:
         key_quantizer: quantizer for keys.
         value_quantizer: quantizer for values (``None`` = the key quantizer).
         granularity: ``head``, ``layer`` or ``token`` (see module docstring).
-        residual: newest tokens kept in full precision (a window, ``>= 0``).
-        sinks: first tokens kept in full precision (``>= 0``).
-        fp_dtype: storage dtype of the full-precision parts (sinks, residual); ``None`` = the
-            model's dtype.
-        key_axis: ``token`` or ``channel`` (keys per channel over ``key_group`` tokens; values
-            stay per token). With ``channel`` only whole groups are quantized: the newest
-            incomplete group stays in full precision.
-        key_group: tokens per key group (``key_axis="channel"``).
-        pre_rope: quantize keys before RoPE (the cache needs :attr:`QuantizedCache.rope`).
     """
 
     key_quantizer: Quantizer
     value_quantizer: Quantizer | None = None
     granularity: str = "head"
-    residual: int = 0
-    sinks: int = 0
-    fp_dtype: str | None = "float16"
-    key_axis: str = "token"
-    key_group: int = 32
-    pre_rope: bool = False
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        _check_knobs(self, "")
+        self._check_knobs("")
         if self.key_axis == "channel" and self.granularity == "token":
             raise ValueError(
                 "key_axis=channel quantizes keys per layer: use granularity=head or layer for values"

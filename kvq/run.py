@@ -317,16 +317,7 @@ def _evaluate(
     if getattr(point.method, "is_peer", False):  # transformers' QuantizedCache builds its own cache
         spec = point.method
     else:
-        spec = KVQuantSpec(
-            point.method,
-            granularity=point.granularity.unit,
-            residual=point.kv.residual,
-            sinks=point.kv.sinks,
-            fp_dtype=point.kv.fp_dtype,
-            key_axis=point.kv.key_axis,
-            key_group=point.kv.key_group,
-            pre_rope=point.kv.pre_rope,
-        )
+        spec = KVQuantSpec(point.method, granularity=point.granularity.unit, **point.kv.knobs())
     kv = KVSetup(
         spec, point.bits, meta.n_layers, model_config=loaded.model.config, rope=rope_of(loaded.model)
     )

@@ -435,7 +435,6 @@ def test_random_configurations_validate_or_are_rejected_in_one_line(compose, ove
 
 def _build_cache_spec(cfg) -> None:
     """What ``kvq.run`` builds from the axes before it loads data (as in ``run._evaluate``)."""
-    import inspect
 
     from kvq.cache import KVQuantSpec
 
@@ -444,9 +443,7 @@ def _build_cache_spec(cfg) -> None:
         p.eval.split(p.seq_len)
     if getattr(p.method, "is_peer", False):
         return  # transformers' QuantizedCache: built from the method node alone
-    accepted = inspect.signature(KVQuantSpec).parameters
-    kv = {k: v for k, v in vars(p.kv).items() if k in accepted and k != "outlier_ratio"}
-    KVQuantSpec(p.method, granularity=p.granularity.unit, **kv)
+    KVQuantSpec(p.method, granularity=p.granularity.unit, **p.kv.knobs())
 
 
 @pytest.mark.parametrize("rule", ["attn-adaptive", "token-needs-whole-cache", "values"])
