@@ -14,22 +14,17 @@ Targets (issue): uniform <= 1.10x, adaptive <= 1.3x.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from common import eval_windows, write_json
 from transformers import DynamicCache
 
 from kvq.alloc import FixedBits
 from kvq.cache import KVQuantSpec, QuantizedCache
-from kvq.data import LocalText, PyDoc
 from kvq.models import SmolLM2Embedded
 from kvq.quant import AdaptiveQuantizer, FullPrecision, NormalQuantizer, UniformQuantizer
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 def main() -> None:
@@ -41,9 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lm = SmolLM2Embedded().load(device=device)
-    src = LocalText(path=str(SHARED)) if SHARED.exists() else PyDoc()
-    src.seq_len, src.max_windows = args.seq_len, args.windows
-    windows = src.datamodule(lm.tokenizer).windows.to(device)
+    windows = eval_windows(lm.tokenizer, args.windows, args.seq_len).to(device)
     n_layers = lm.meta.n_layers
 
     def spec(q: object) -> KVQuantSpec:
@@ -94,13 +87,9 @@ def main() -> None:
         "seq_len": args.seq_len,
         "windows": args.windows,
         "repeats": args.repeats,
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

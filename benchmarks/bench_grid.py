@@ -16,7 +16,6 @@ Reports both wall times and their ratio, and keeps the grid's report (``report.m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -24,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("uniform", "normal", "adaptive")
@@ -84,10 +85,8 @@ def main() -> None:
         "singles_seconds": singles_s,
         "speedup": singles_s / grid_s,
     }
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(
-        f"grid {grid_s:.0f}s, 12 singles {singles_s:.0f}s: {singles_s / grid_s:.2f}x; wrote {out} and {report}"
-    )
+    write_json(out, res)
+    print(f"grid {grid_s:.0f}s, 12 singles {singles_s:.0f}s: {singles_s / grid_s:.2f}x; report in {report}")
 
 
 if __name__ == "__main__":

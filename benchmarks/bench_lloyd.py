@@ -12,30 +12,23 @@ encode time per block relative to uniform (ratios measured in the same run).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import torch
+from common import eval_windows, write_json
 from transformers import DynamicCache
 
 from kvq.cache import to_units
-from kvq.data import LocalText, PyDoc
 from kvq.models import SmolLM2Embedded
 from kvq.quant import AdaptiveQuantizer, Quantizer, UniformQuantizer
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 def kv_blocks(windows: int) -> list[torch.Tensor]:
     """``[512, 192]`` fp16 layer units of every layer's keys and values, per window."""
     lm = SmolLM2Embedded().load(device="cpu")
-    src = LocalText(path=str(SHARED)) if SHARED.exists() else PyDoc()
-    src.seq_len, src.max_windows = 512, windows
     blocks = []
     with torch.inference_mode():
-        for w in src.datamodule(lm.tokenizer).windows:
+        for w in eval_windows(lm.tokenizer, windows):
             cache = DynamicCache()
             lm.model(w.unsqueeze(0), past_key_values=cache, use_cache=True)
             for layer in cache.layers:
@@ -85,13 +78,9 @@ def main() -> None:
     out = {
         "benchmark": "adaptive error and encode time vs lloyd_iters, SmolLM2-135M K/V, layer units, g128",
         "blocks": len(blocks),
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -27,18 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import eval_windows
 
 from kvq.alloc import AttentionAwareBits, FixedBits
 from kvq.attention import register
 from kvq.cache import KVQuantSpec
-from kvq.data import LocalText
 from kvq.models import SmolLM2Embedded
 from kvq.peers import HFHQQ, HFQuanto
 from kvq.protocols import FakeQuant, KVSetup, Prefill, rope_of
 from kvq.quant import AdaptiveQuantizer, FullPrecision, UniformQuantizer
 from kvq.report import write_report
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 @dataclass
@@ -259,7 +257,7 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     lm = SmolLM2Embedded(dtype="float32").load(attn_implementation=register())
-    windows = LocalText(path=str(SHARED), max_windows=args.windows).datamodule(lm.tokenizer).windows
+    windows = eval_windows(lm.tokenizer, args.windows, require_wikitext=True)
     rope = rope_of(lm.model)
     records = []
     for proto_name in args.protocols.split(","):

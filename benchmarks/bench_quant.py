@@ -10,13 +10,11 @@ in the same run (ratios, not absolute times, are what transfers between machines
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from common import write_json
 
 from kvq.quant import AdaptiveQuantizer, FullPrecision, NormalQuantizer, UniformQuantizer
 
@@ -64,14 +62,10 @@ def main() -> None:
         "benchmark": "quantize+dequantize round trip, 4 bits, g128, per-head units",
         "shape": list(x.shape),
         "device": args.device,
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
         "copy_seconds": copy_s,
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":
