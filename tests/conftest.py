@@ -7,6 +7,8 @@ these variables at import time): tests never download anything.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -184,3 +186,20 @@ def wandb_summary(run_dir: Path) -> dict:
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+def train_eval_cli(
+    args: list[str], cwd: Path, env_extra: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess[str]:
+    """``python train_eval.py ARGS`` in a subprocess, W&B offline and without credentials."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env_extra or {})}
+    env.pop("WANDB_API_KEY", None)
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train_eval.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )

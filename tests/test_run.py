@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +11,7 @@ import pytest
 from kvq.results import read_result
 from kvq.run import KVQError, run
 
-from .conftest import REPO_ROOT, TINY, wandb_summary
+from .conftest import TINY, train_eval_cli, wandb_summary
 
 METRICS = (
     "test/ppl",
@@ -116,23 +113,9 @@ def test_cuda_requested_but_absent(compose, tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the real CLI
-def _cli(args: list[str], cwd: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env_extra or {})}
-    env.pop("WANDB_API_KEY", None)
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train_eval.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
-
-
 @pytest.mark.slow
 def test_cli_run_with_wandb_offline_files(tmp_path: Path) -> None:
-    out = _cli(
+    out = train_eval_cli(
         [*TINY[:1], "logger=wandb", "data.seq_len=32", "data.max_windows=2", f"hydra.run.dir={tmp_path}"],
         tmp_path,
     )
@@ -148,7 +131,7 @@ def test_cli_run_with_wandb_offline_files(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_cli_skipped_run_exits_zero_with_wandb_tag(tmp_path: Path) -> None:
-    out = _cli(
+    out = train_eval_cli(
         ["model=tiny_random", "logger=wandb", "bits=attn", "method=adaptive", f"hydra.run.dir={tmp_path}"],
         tmp_path,
     )
@@ -171,7 +154,7 @@ def test_cli_skipped_run_exits_zero_with_wandb_tag(tmp_path: Path) -> None:
     ],
 )
 def test_cli_bad_input_exit_codes(tmp_path: Path, args: list[str], code: int, needle: str) -> None:
-    out = _cli([*args, f"hydra.run.dir={tmp_path}"], tmp_path)
+    out = train_eval_cli([*args, f"hydra.run.dir={tmp_path}"], tmp_path)
     assert out.returncode == code, (out.returncode, out.stderr[-2000:])
     assert needle in out.stderr
     assert "Traceback" not in out.stderr

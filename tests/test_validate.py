@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,7 +29,7 @@ from kvq.validate import (
     validate,
 )
 
-from .conftest import CONF_DIR, REPO_ROOT, TINY
+from .conftest import CONF_DIR, TINY, train_eval_cli
 
 #: shapes of the config's models, as ``model.meta()`` reads them (hub ones from their config.json)
 TINY_META = ModelMeta("tiny-random-llama", 2, 4, 2, 16, 64, 512, 2048)
@@ -461,22 +458,9 @@ def test_invalid_runs_skip_in_process(compose, tmp_path: Path, rule: str) -> Non
 
 
 # --------------------------------------------------------------------------- the real CLI
-def _train_eval(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train_eval.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        stdin=subprocess.DEVNULL,
-    )
-
-
 @pytest.mark.slow
 def test_cli_impossible_value_is_skipped_with_exit_zero(tmp_path: Path) -> None:
-    out = _train_eval(
+    out = train_eval_cli(
         [*TINY, "bits=attn", "bits.n_min=6", "bits.n_max=3", f"hydra.run.dir={tmp_path}"], tmp_path
     )
     assert out.returncode == 0, out.stderr[-2000:]
@@ -488,7 +472,7 @@ def test_cli_impossible_value_is_skipped_with_exit_zero(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_cli_malformed_grid_exits_2_before_any_launch(tmp_path: Path) -> None:
     # single runs: tests/test_run.py::test_cli_bad_input_exit_codes (wrong type, unknown key)
-    out = _train_eval(["-m", *TINY, "grouping.size=32,abc", f"hydra.sweep.dir={tmp_path}/m"], tmp_path)
+    out = train_eval_cli(["-m", *TINY, "grouping.size=32,abc", f"hydra.sweep.dir={tmp_path}/m"], tmp_path)
     assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
     assert "could not be converted to Integer" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "m" / "0").exists()  # nothing launched
