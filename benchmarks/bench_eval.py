@@ -1,6 +1,6 @@
 """Per-window evaluation time with kvq's QuantizedCache vs transformers' DynamicCache.
 
-    python benchmarks/bench_eval.py [--windows 4] [--seq-len 512] [--out benchmarks/results/eval.json]
+    python benchmarks/bench_eval.py [--windows 6] [--repeats 5] [--seq-len 512] [--out benchmarks/results/eval.json]
 
 The embedded model (SmolLM2-135M, fp32 on CPU / bf16 on GPU), WikiText-2 raw test windows from
 ``../shared/data`` (or the embedded pydoc text when absent), fakequant protocol (one forward
@@ -29,7 +29,7 @@ from kvq.quant import AdaptiveQuantizer, FullPrecision, NormalQuantizer, Uniform
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--windows", type=int, default=6)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/eval.json")
