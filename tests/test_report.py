@@ -6,8 +6,6 @@ import json
 import logging
 import math
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +21,7 @@ from kvq.report import (
     write_report,
 )
 
-from .conftest import REPO_ROOT
+from .conftest import train_eval_cli
 from .report_fixtures import grid_records, record, write_records
 
 NAN, INF = math.nan, math.inf
@@ -278,14 +276,7 @@ GRID = [
 @pytest.mark.slow
 def test_report_on_a_real_tiny_grid(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     sweep = tmp_path / "grid"
-    out = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train_eval.py"), "-m", *GRID, f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        stdin=subprocess.DEVNULL,
-    )
+    out = train_eval_cli(["-m", *GRID, f"hydra.sweep.dir={sweep}"], tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     results = {p.parent: json.loads(p.read_text()) for p in sweep.rglob("result.json")}
     ok = {d: r for d, r in results.items() if r["status"] == "ok"}
@@ -353,30 +344,13 @@ def test_unknown_options_sort_after_known_ones_in_natural_order() -> None:
 def test_grid_end_writes_report_and_logs_it_to_wandb(tmp_path: Path) -> None:
     """The ReportCallback (conf/config.yaml hydra.callbacks.report) after a real multirun."""
     import json as _json
-    import os
-    import subprocess
-    import sys
 
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "WANDB_MODE": "offline", "KVQ_RESULTS_DIR": str(tmp_path / "store")}
-    env.pop("WANDB_API_KEY", None)
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(repo / "train_eval.py"),
-            "-m",
-            "model=tiny_random",
-            "data.seq_len=32",
-            "data.max_windows=1",
-            "method=none,uniform",
-            "bits=b2,b4",
-            f"hydra.sweep.dir={tmp_path / 'grid'}",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
+    grid = ["model=tiny_random", "data.seq_len=32", "data.max_windows=1", "method=none,uniform", "bits=b2,b4"]
+    out = train_eval_cli(
+        ["-m", *grid, f"hydra.sweep.dir={tmp_path / 'grid'}"],
+        tmp_path,
+        env_extra={"KVQ_RESULTS_DIR": str(tmp_path / "store")},
         timeout=600,
-        stdin=subprocess.DEVNULL,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     rep = tmp_path / "grid" / "report"

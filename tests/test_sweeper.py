@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from omegaconf import DictConfig
 import kvq.config  # noqa: F401 -- registers the schemas the sweeper composes against
 from kvq.results import read_result
 
-from .conftest import REPO_ROOT, TINY
+from .conftest import REPO_ROOT, TINY, train_eval_cli
 
 
 @pytest.fixture
@@ -154,21 +153,18 @@ def test_zero_gpus_are_not_sent_to_submitit(compose, hydra_restore_singletons) -
 
 
 # --------------------------------------------------------------------------- the real CLI
-def _env() -> dict[str, str]:
-    return {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-
-
 @pytest.mark.slow
 def test_train_eval_multirun_launches_3_of_4(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train_eval.py"), "-m", *TINY, "data.max_windows=1"]
-        + ["method=uniform,adaptive", "bits=b4,attn", f"hydra.sweep.dir={tmp_path}/m"],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
+    out = train_eval_cli(
+        [
+            "-m",
+            *TINY,
+            "data.max_windows=1",
+            "method=uniform,adaptive",
+            "bits=b4,attn",
+            f"hydra.sweep.dir={tmp_path}/m",
+        ],
+        tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "dropped before launch" in out.stdout and "attn-adaptive" in out.stdout
