@@ -52,14 +52,14 @@ def main() -> None:
     }
     times: dict[str, list[float]] = {k: [] for k in caches}
     with torch.inference_mode():
-        lm.model(windows[:1], past_key_values=DynamicCache())  # warm-up
+        lm.model(windows[:1], cache=DynamicCache())  # warm-up
         for _ in range(args.repeats):
             for w in windows:
                 for name, make in caches.items():
                     if device == "cuda":
                         torch.cuda.synchronize()
                     t = time.perf_counter()
-                    lm.model(w.unsqueeze(0), past_key_values=make(), use_cache=True)
+                    lm.model(w.unsqueeze(0), cache=make(), use_cache=True)
                     if device == "cuda":
                         torch.cuda.synchronize()
                     times[name].append(time.perf_counter() - t)

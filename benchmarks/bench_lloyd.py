@@ -18,9 +18,11 @@ import torch
 from common import eval_windows, write_json
 from transformers import DynamicCache
 
-from kvq.cache import to_units
+from kvq.granularity import Granularity
 from kvq.models import SmolLM2Embedded
 from kvq.quant import AdaptiveQuantizer, Quantizer, UniformQuantizer
+
+LAYER = Granularity("layer")
 
 
 def kv_blocks(windows: int) -> list[torch.Tensor]:
@@ -30,9 +32,9 @@ def kv_blocks(windows: int) -> list[torch.Tensor]:
     with torch.inference_mode():
         for w in eval_windows(lm.tokenizer, windows):
             cache = DynamicCache()
-            lm.model(w.unsqueeze(0), past_key_values=cache, use_cache=True)
+            lm.model(w.unsqueeze(0), cache=cache, use_cache=True)
             for layer in cache.layers:
-                blocks += [to_units(layer.keys, "layer").half(), to_units(layer.values, "layer").half()]
+                blocks += [LAYER.to_units(layer.keys).half(), LAYER.to_units(layer.values).half()]
     return blocks
 
 

@@ -31,7 +31,6 @@ from common import eval_windows
 
 from kvq.alloc import AttentionAwareBits, FixedBits
 from kvq.attention import register
-from kvq.cache import KVQuantSpec
 from kvq.models import SmolLM2Embedded
 from kvq.peers import HFHQQ, HFQuanto
 from kvq.protocols import FakeQuant, KVSetup, Prefill, rope_of
@@ -264,18 +263,16 @@ def main() -> None:
         proto = Prefill() if proto_name == "prefill" else FakeQuant()
         base = None
         for row in rows(proto_name):
-            spec = (
-                row.method
-                if getattr(row.method, "is_peer", False)
-                else KVQuantSpec(
-                    row.method,
-                    granularity=row.choices["granularity"]
-                    if row.choices["granularity"] in ("head", "layer", "token")
-                    else "head",
-                    **row.kv,
-                )
+            gran = row.choices["granularity"]
+            kv = KVSetup(
+                row.method,
+                row.bits,
+                lm.meta.n_layers,
+                model_config=lm.model.config,
+                rope=rope,
+                granularity=gran if gran in ("head", "layer", "token") else "head",
+                knobs=row.kv,
             )
-            kv = KVSetup(spec, row.bits, lm.meta.n_layers, model_config=lm.model.config, rope=rope)
             t0 = time.perf_counter()
             nll = tok = nbytes = elems = 0
             with torch.inference_mode():

@@ -15,13 +15,94 @@ It is SDPA, plus two things kvq needs that no stock implementation does:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-__all__ = ["ATTN_IMPL", "kvq_attention", "register"]
+__all__ = [
+    "ATTN_IMPL",
+    "MixedKV",
+    "StatsCollector",
+    "active_collector",
+    "clear_mixed",
+    "collecting",
+    "kvq_attention",
+    "leave_mixed",
+    "register",
+    "take_mixed",
+]
 
 ATTN_IMPL = "kvq"
+
+
+class StatsCollector(Protocol):
+    """What the attention function feeds while statistics are collected (QAQ's allocation)."""
+
+    def add(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """Reduce one layer's attention: ``query [B, H, Tq, d]``, ``key [B, H_kv, Tk, d]``."""
+        ...
+
+
+@dataclass
+class MixedKV:
+    """What a one-pass forward needs to reproduce streaming: the full-precision K/V and, per
+    query, which keys are seen quantized (the rest are seen in full precision).
+
+    Attributes:
+        keys: ``[B, H, Tk, d]`` full-precision keys (as the cache would hold them unquantized).
+        values: ``[B, H, Tk, d]`` full-precision values.
+        quantized: bool ``[Tq, Tk]``.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    quantized: torch.Tensor
+
+
+class _ForwardState(threading.local):
+    """The per-forward state the ``kvq`` attention owns (one per thread)."""
+
+    def __init__(self) -> None:
+        self.collector: StatsCollector | None = None
+        self.mixed: dict[int, MixedKV] = {}
+
+
+_STATE = _ForwardState()
+
+
+@contextlib.contextmanager
+def collecting(collector: StatsCollector) -> Iterator[StatsCollector]:
+    """Feed ``collector`` every attention call of the ``kvq`` implementation inside the block."""
+    prev, _STATE.collector = _STATE.collector, collector
+    try:
+        yield collector
+    finally:
+        _STATE.collector = prev
+
+
+def active_collector() -> StatsCollector | None:
+    """The collector of the enclosing :func:`collecting` block, or ``None``."""
+    return _STATE.collector
+
+
+def leave_mixed(layer_idx: int, mixed: MixedKV) -> None:
+    """A cache layer leaves its mixing info for the attention call that follows its update."""
+    _STATE.mixed[layer_idx] = mixed
+
+
+def take_mixed(layer_idx: int) -> MixedKV | None:
+    """Take the mixing info a layer left for its attention call (``None`` = plain attention)."""
+    return _STATE.mixed.pop(layer_idx, None)
+
+
+def clear_mixed() -> None:
+    """Drop mixing info no attention call consumed (before a new forward)."""
+    _STATE.mixed.clear()
 
 
 def _repeat(x: torch.Tensor, rep: int) -> torch.Tensor:
@@ -82,13 +163,10 @@ def kvq_attention(module, query, key, value, attention_mask, dropout: float = 0.
     """SDPA; plus QAQ statistics when collecting, plus streaming-exact mixing when a layer asks."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from kvq.alloc import qaq
-    from kvq.cache import pop_mixed
-
     s = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if qaq._ACTIVE is not None:
-        qaq._ACTIVE.add(module.layer_idx, query, key, s)
-    mix = pop_mixed(module.layer_idx)
+    if _STATE.collector is not None:
+        _STATE.collector.add(module.layer_idx, query, key, s)
+    mix = take_mixed(module.layer_idx)
     if mix is not None:
         out = mixed_attention(query, key, value, mix.keys, mix.values, mix.quantized, attention_mask, s)
         return out, None

@@ -44,11 +44,13 @@ def _multirun() -> bool:
 def entry_point(cfg: DictConfig) -> float:
     """Run one job; a fixable failure becomes one line on stderr.
 
-    In a single run it exits with :data:`EXIT_FAILED`; in a multirun the job returns NaN so the
-    other jobs go on (its ``result.json`` says ``failed`` with the reason).
+    In a single run it exits with :data:`EXIT_FAILED` (:data:`EXIT_CONFIG` for a malformed config,
+    e.g. an unknown key); in a multirun the job returns NaN so the other jobs go on (its
+    ``result.json`` says ``failed`` with the reason).
     """
     mark_composed()
-    from kvq.run import KVQError, run
+    from kvq.errors import KVQError, MalformedConfig
+    from kvq.run import run
 
     try:
         return run(cfg)
@@ -56,7 +58,7 @@ def entry_point(cfg: DictConfig) -> float:
         print(f"kvq: error: {e}", file=sys.stderr)
         if _multirun():
             return math.nan
-        sys.exit(EXIT_FAILED)
+        sys.exit(EXIT_CONFIG if isinstance(e, MalformedConfig) else EXIT_FAILED)
 
 
 def hydra_main(main: Callable[[], Any]) -> int:

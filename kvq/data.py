@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import platform
-import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +35,9 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from kvq.errors import one_line
+from kvq.models.meta import tokenizer_adds_bos
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -84,11 +86,6 @@ def kvq_cache_dir() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "kvq"
 
 
-def _one_line(text: object, limit: int = 200) -> str:
-    line = re.sub(r"\s+", " ", str(text)).strip()
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 @contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """Silence ``datasets``' progress bars and info logs for the duration of a load."""
@@ -112,7 +109,7 @@ def _load_hub_dataset(name: str, *args: Any, **kwargs: Any) -> Any:
         import datasets
     except ImportError as err:  # e.g. a pyarrow/numpy mismatch in the environment
         raise DataError(
-            f"cannot import datasets ({_one_line(err, 120)}); use {_OFFLINE_ALTERNATIVES}"
+            f"cannot import datasets ({one_line(err, 120, first_line=False)}); use {_OFFLINE_ALTERNATIVES}"
         ) from None
     try:
         with _quiet_datasets():
@@ -127,7 +124,7 @@ def _load_hub_dataset(name: str, *args: Any, **kwargs: Any) -> Any:
             "is not available offline (not in the HF datasets cache)" if offline else "could not be loaded"
         )
         raise DataError(
-            f"dataset {name!r} {where}: {_one_line(err, 120)}; offline alternatives: {_OFFLINE_ALTERNATIVES}"
+            f"dataset {name!r} {where}: {one_line(err, 120, first_line=False)}; offline alternatives: {_OFFLINE_ALTERNATIVES}"
         ) from None
 
 
@@ -143,12 +140,13 @@ class Windowed:
     Attributes:
         seq_len: tokens per window.
         max_windows: keep the first this many windows (``None`` = all).
-        add_bos: prepend the tokenizer's BOS token to every window.
+        add_bos: prepend the tokenizer's BOS token to every window; ``None`` (the default) =
+            as the tokenizer does (Gemma's tokenizers add one, SmolLM2's and the tiny Llama's none).
     """
 
     seq_len: int = 512
     max_windows: int | None = 16
-    add_bos: bool = False
+    add_bos: bool | None = None
 
     def datamodule(
         self, tokenizer: PreTrainedTokenizerBase, cache_dir: str | None = None
@@ -309,7 +307,7 @@ class LocalText(Windowed):
         try:
             import datasets
         except ImportError as err:
-            raise DataError(f"cannot import datasets ({_one_line(err, 120)})") from None
+            raise DataError(f"cannot import datasets ({one_line(err, 120, first_line=False)})") from None
         cache = kvq_cache_dir() / "datasets"
         try:
             with _quiet_datasets():
@@ -317,7 +315,9 @@ class LocalText(Windowed):
                     "text", data_files=[str(f) for f in files], split="train", cache_dir=str(cache)
                 )
         except (OSError, ValueError) as err:
-            raise DataError(f"cannot read data file(s) {self.path!r}: {_one_line(err, 160)}") from None
+            raise DataError(
+                f"cannot read data file(s) {self.path!r}: {one_line(err, 160, first_line=False)}"
+            ) from None
         return "\n".join(ds["text"])
 
     def cache_key(self) -> str:
@@ -400,10 +400,12 @@ class TokenWindowDataModule(L.LightningDataModule):
     hash of the text), then cut into consecutive windows; the remainder is dropped and only the
     first ``max_windows`` windows are kept.
 
-    With ``add_bos=True`` every window is ``[BOS] + (seq_len - 1)`` text tokens; otherwise it is
-    ``seq_len`` text tokens (the default: the embedded SmolLM2's tokenizer adds no BOS, and GPTQ
-    / KVQuant add a BOS only before the whole text). Either way a window has ``seq_len - 1``
-    next-token targets.
+    With ``add_bos=True`` every window is ``[BOS] + (seq_len - 1)`` text tokens; with
+    ``add_bos=False`` it is ``seq_len`` text tokens (GPTQ / KVQuant add a BOS only before the
+    whole text). ``add_bos=None`` (the default) follows the tokenizer: BOS windows when the
+    tokenizer itself starts a text with BOS (:func:`kvq.models.tokenizer_adds_bos`; Gemma), plain
+    windows otherwise (the embedded SmolLM2). Either way a window has ``seq_len - 1`` next-token
+    targets.
 
     Batches from :meth:`test_dataloader` are dicts ``{"input_ids": LongTensor[1, seq_len]}``
     (batch size 1, in text order), so ``model(**batch)`` works.
@@ -415,7 +417,8 @@ class TokenWindowDataModule(L.LightningDataModule):
         tokenizer: The model's tokenizer.
         seq_len: Tokens per window (>= 2).
         max_windows: Keep at most this many windows; None = all.
-        add_bos: Prepend the tokenizer's BOS token to every window.
+        add_bos: Prepend the tokenizer's BOS token to every window; None = as the tokenizer does.
+            The resolved choice is ``self.add_bos``; what was asked, ``self.add_bos_requested``.
         cache_dir: Token cache folder; None = ``<kvq cache>/tokens`` (``$KVQ_CACHE_DIR`` or
             ``~/.cache/kvq``).
 
@@ -430,7 +433,7 @@ class TokenWindowDataModule(L.LightningDataModule):
         tokenizer: PreTrainedTokenizerBase,
         seq_len: int = 512,
         max_windows: int | None = 16,
-        add_bos: bool = False,
+        add_bos: bool | None = None,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -438,6 +441,9 @@ class TokenWindowDataModule(L.LightningDataModule):
             raise DataError(f"seq_len must be >= 2 (got {seq_len})")
         if max_windows is not None and int(max_windows) < 1:
             raise DataError(f"max_windows must be >= 1 or None for all (got {max_windows})")
+        self.add_bos_requested = None if add_bos is None else bool(add_bos)
+        if add_bos is None:
+            add_bos = tokenizer_adds_bos(tokenizer)
         if add_bos and getattr(tokenizer, "bos_token_id", None) is None:
             raise DataError(
                 f"add_bos=True but tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no BOS token"
@@ -473,7 +479,7 @@ class TokenWindowDataModule(L.LightningDataModule):
         except FileNotFoundError:
             return None
         except (OSError, ValueError, EOFError) as err:
-            log.warning("ignoring unreadable token cache %s (%s)", path, _one_line(err, 80))
+            log.warning("ignoring unreadable token cache %s (%s)", path, one_line(err, 80, first_line=False))
             return None
         return arr.astype(np.int64, copy=False).reshape(-1)
 
@@ -491,7 +497,7 @@ class TokenWindowDataModule(L.LightningDataModule):
                 Path(tmp).unlink(missing_ok=True)
                 raise
         except OSError as err:  # a read-only cache must not stop the evaluation
-            log.warning("could not write token cache %s (%s)", path, _one_line(err, 80))
+            log.warning("could not write token cache %s (%s)", path, one_line(err, 80, first_line=False))
 
     def _ensure_tokens(self) -> torch.Tensor:
         if self._ids is not None:

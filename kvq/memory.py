@@ -17,11 +17,13 @@ All on the real number of KV heads (GQA), so ``kv/bytes_fp16`` is what an fp16
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
-from kvq.cache import KVQuantSpec, QuantizedCache
+from kvq.cache import KVQuantSpec
 
-__all__ = ["CacheShape", "bits_per_element", "measured", "metrics", "predict_bytes"]
+__all__ = ["CacheShape", "Measured", "bits_per_element", "kv_figures", "measured", "metrics", "predict_bytes"]
 
 
 @dataclass(frozen=True)
@@ -48,17 +50,8 @@ def bits_per_element(spec: KVQuantSpec, shape: CacheShape, bits: int, kind: str 
     size); sinks and residual tokens are not included (see :func:`predict_bytes`).
     """
     q = spec.quantizer(kind)  # type: ignore[arg-type]
-    D = _unit_size(spec, shape)
+    D = spec.unit.unit_size(shape)
     return q.nbytes_formula(8, D, bits) * 8 / (8 * D)
-
-
-def _unit_size(spec: KVQuantSpec, shape: CacheShape) -> int:
-    per_layer = shape.n_kv_heads * shape.head_dim
-    return {"head": shape.head_dim, "layer": per_layer, "token": per_layer * shape.n_layers}[spec.granularity]
-
-
-def _units_per_token(spec: KVQuantSpec, shape: CacheShape) -> int:
-    return shape.batch * (shape.n_kv_heads if spec.granularity == "head" else 1)
 
 
 def predict_bytes(
@@ -88,7 +81,7 @@ def predict_bytes(
     per_token_layer = shape.batch * shape.n_kv_heads * shape.head_dim  # elements, K or V
     fp_tokens = total_tokens - sum(chunks)
     total = 2 * shape.n_layers * fp_tokens * per_token_layer * fp_elem_size
-    layer_copies = 1 if spec.granularity == "token" else shape.n_layers
+    layer_copies = 1 if spec.unit.spans_layers else shape.n_layers
     kb, vb = (bits, bits) if isinstance(bits, int) else bits
     for i, t in enumerate(chunks):
         for kind, b in (("key", kb), ("value", vb)):
@@ -96,8 +89,8 @@ def predict_bytes(
                 D = spec.key_group
                 n_units = per_token_layer * t // spec.key_group
             else:
-                D = _unit_size(spec, shape)
-                n_units = t * _units_per_token(spec, shape)
+                D = spec.unit.unit_size(shape)
+                n_units = t * spec.unit.units_per_token(shape.batch, shape.n_kv_heads)
             w = b if widths is None else widths[i][kind]
             q = spec.quantizer(kind)  # type: ignore[arg-type]
             total += layer_copies * q.nbytes_formula(n_units, D, w, fp_elem_size=fp_elem_size)
@@ -112,18 +105,30 @@ class Measured:
     elements: int
 
 
-def measured(cache: QuantizedCache) -> Measured:
-    """Bytes actually held by the cache tensors, and the K/V elements they represent."""
+def measured(cache: Any) -> Measured:
+    """Bytes actually held by the cache tensors, and the K/V elements they represent.
+
+    Args:
+        cache: a :class:`~kvq.cache.QuantizedCache` or a peer cache (:mod:`kvq.peers`): anything
+            with ``nbytes()`` and ``n_elements()``.
+    """
     return Measured(bytes=cache.nbytes(), elements=cache.n_elements())
 
 
-def metrics(cache: QuantizedCache) -> dict[str, float]:
-    """``kv/bytes``, ``kv/bytes_fp16``, ``kv/bits_per_element``, ``kv/compression``."""
-    m = measured(cache)
-    fp16 = m.elements * 2
+def kv_figures(stored_bytes: float, elements: float, n: int = 1) -> dict[str, float]:
+    """The KV-cache figures of ``n`` caches that held ``stored_bytes`` for ``elements`` K/V elements
+    in all: ``kv/bytes`` and ``kv/bytes_fp16`` (per cache), ``kv/bits_per_element``,
+    ``kv/compression`` (NaN where undefined: no element, or nothing stored)."""
+    fp16 = 2.0 * elements
     return {
-        "kv/bytes": float(m.bytes),
-        "kv/bytes_fp16": float(fp16),
-        "kv/bits_per_element": 8.0 * m.bytes / m.elements if m.elements else 0.0,
-        "kv/compression": fp16 / m.bytes if m.bytes else 0.0,
+        "kv/bytes": stored_bytes / max(n, 1),
+        "kv/bytes_fp16": fp16 / max(n, 1),
+        "kv/bits_per_element": 8.0 * stored_bytes / elements if elements else math.nan,
+        "kv/compression": fp16 / stored_bytes if stored_bytes else math.nan,
     }
+
+
+def metrics(cache: Any) -> dict[str, float]:
+    """``kv/bytes``, ``kv/bytes_fp16``, ``kv/bits_per_element``, ``kv/compression`` of one cache."""
+    m = measured(cache)
+    return kv_figures(float(m.bytes), float(m.elements))

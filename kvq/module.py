@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from kvq.memory import kv_figures
 from kvq.protocols import KVSetup, Protocol, WindowResult
 
 __all__ = ["EvalModule"]
@@ -72,10 +73,7 @@ class EvalModule(L.LightningModule):
             "test/ppl": math.exp(nll / tokens) if tokens else math.nan,
             "test/tokens": float(tokens),
             "test/windows": float(len(windows)),
-            "kv/bytes": kv_bytes / max(len(windows), 1),
-            "kv/bytes_fp16": 2.0 * elements / max(len(windows), 1),
-            "kv/bits_per_element": 8.0 * kv_bytes / elements if elements else math.nan,
-            "kv/compression": 2.0 * elements / kv_bytes if kv_bytes else math.nan,
+            **kv_figures(float(kv_bytes), float(elements), len(windows)),
             "time/eval_s": elapsed,
             "time/tokens_per_s": tokens / elapsed if elapsed > 0 else math.nan,
         }

@@ -75,7 +75,8 @@ class HFPeer:
 
     Args:
         nbits: code width (quanto: 2 or 4; HQQ: 1, 2, 3, 4 or 8).
-        q_group_size: elements per group along the quantization axis (``null`` = 64).
+        q_group_size: elements per group along the quantization axis (``null`` = 64, transformers'
+            default).
         residual_length: newest tokens kept in full precision before re-quantization.
         axis_key: axis of the key groups (0 = per channel over tokens, as KIVI; 1/-1 = per token).
         axis_value: axis of the value groups.
@@ -89,27 +90,49 @@ class HFPeer:
 
     backend: ClassVar[str] = ""
     supported_bits: ClassVar[tuple[int, ...]] = ()
-    is_peer: ClassVar[bool] = True
+
+    # -- the method interface (kvq.method.Method) -----------------------------------------
+    quantizes: ClassVar[bool] = True
+    #: the storing call gets its own K/V back unquantized: measure with a whole-cache protocol
+    one_pass_quantized: ClassVar[bool] = False
+    #: one width (nbits) for keys and values
+    one_width: ClassVar[bool] = True
+    error_follows_range: ClassVar[bool] = True
+    #: transformers' cache has no kvq unit layout, sinks, outliers or per-channel key groups
+    #: (bits, grouping and kv.residual reach it through nbits, q_group_size and residual_length)
+    ignores: ClassVar[tuple[str, ...]] = (
+        "granularity",
+        "kv.sinks",
+        "kv.outlier_ratio",
+        "kv.key_axis",
+        "kv.key_group",
+        "kv.pre_rope",
+    )
+    #: nbits and q_group_size come from the bits and grouping options (conf/method/hf_*.yaml)
+    resolved_axes: ClassVar[tuple[str, ...]] = ("bits", "grouping")
 
     def __post_init__(self) -> None:
         if self.nbits not in self.supported_bits:
             raise ValueError(
                 f"method=hf_{self.backend} supports bits {', '.join(map(str, self.supported_bits))}, got {self.nbits}"
             )
-        if self.q_group_size is not None and self.q_group_size < 1:
+        if self.q_group_size is None:  # transformers' QuantizedCache default
+            self.q_group_size = 64
+        if self.q_group_size < 1:
             raise ValueError(f"method.q_group_size must be a positive integer, got {self.q_group_size}")
         if self.residual_length < 0:
             raise ValueError(f"method.residual_length must be >= 0, got {self.residual_length}")
 
-    def build(self, model_config: Any) -> PeerCache:
-        """A fresh cache for a model with ``model_config``."""
+    def build_cache(self, setup: Any, plan: Any = None, deferred: bool = False) -> PeerCache:
+        """A fresh transformers ``QuantizedCache`` for the setup's model (``plan`` and ``deferred``
+        do not apply: it quantizes what it stores, with one width)."""
         return PeerCache(
             backend=self.backend,
-            config=model_config,
+            config=setup.model_config,
             nbits=self.nbits,
             axis_key=self.axis_key,
             axis_value=self.axis_value,
-            q_group_size=self.q_group_size or 64,
+            q_group_size=self.q_group_size,
             residual_length=self.residual_length,
         )
 
@@ -119,6 +142,7 @@ class HFQuanto(HFPeer):
     """transformers ``QuantizedCache(backend="quanto")`` (optimum-quanto)."""
 
     backend: ClassVar[str] = "quanto"
+    name: ClassVar[str] = "hf_quanto"
     supported_bits: ClassVar[tuple[int, ...]] = (2, 4)
 
 
@@ -127,4 +151,5 @@ class HFHQQ(HFPeer):
     """transformers ``QuantizedCache(backend="hqq")`` (Half-Quadratic Quantization)."""
 
     backend: ClassVar[str] = "hqq"
+    name: ClassVar[str] = "hf_hqq"
     supported_bits: ClassVar[tuple[int, ...]] = (1, 2, 3, 4, 8)

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from kvq.alloc.base import BitPlan
-from kvq.attention import ATTN_IMPL
-from kvq.cache import _MIX, KVQuantSpec, QuantizedCache
+from kvq.attention import ATTN_IMPL, clear_mixed
+from kvq.cache import CacheKnobs, KVQuantSpec, QuantizedCache
+from kvq.granularity import Granularity
 from kvq.memory import measured
 
 __all__ = ["Decode", "FakeQuant", "KVSetup", "Prefill", "Protocol", "WindowResult", "rope_of"]
@@ -46,35 +47,62 @@ def rope_of(model: torch.nn.Module) -> Any:
 
 @dataclass
 class KVSetup:
-    """Everything needed to build a cache for one window.
+    """Everything needed to build a cache for one window (a :class:`kvq.method.CacheSetup`).
 
     Args:
-        spec: quantizers, granularity, residual, sinks -- or a peer method
-            (:mod:`kvq.peers`), which builds its own cache.
-        allocator: ``FixedBits`` or ``AttentionAwareBits``.
+        method: the method (:class:`kvq.method.Method`: a quantizer or a peer cache), or a ready
+            :class:`~kvq.cache.KVQuantSpec` (its quantizers, unit and knobs are then used).
+        allocator: ``FixedBits``, ``AttentionAwareBits``, ... (the ``bits`` node).
         n_layers: model layers.
         model_config: the model's ``PretrainedConfig`` (peer caches need it).
         rope: the model's rotary embedding as ``rope(x, start) -> (cos, sin)`` (``pre_rope``);
             see :func:`rope_of`.
+        granularity: the quantization unit for a quantizer ``method``.
+        knobs: the cache knobs (:meth:`kvq.cache.CacheKnobs.knobs`) for a quantizer ``method``.
     """
 
-    spec: KVQuantSpec | Any
+    method: Any
     allocator: Any
     n_layers: int
     model_config: Any = None
     rope: Any = None
+    granularity: Granularity | str = "layer"
+    knobs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.method, CacheKnobs):  # a ready spec: its unit and knobs define the setup
+            self.granularity, self.knobs = self.method.unit, self.method.knobs()
+        self.granularity = Granularity.of(self.granularity)
 
     @property
     def needs_attention(self) -> bool:
         return bool(getattr(self.allocator, "needs_attention", False))
 
-    def cache(self, plan: BitPlan | None = None, deferred: bool = False) -> QuantizedCache:
-        if getattr(self.spec, "is_peer", False):  # transformers' QuantizedCache: its own settings
-            return self.spec.build(self.model_config)
-        cache = QuantizedCache(
-            self.spec, self.n_layers, plan if plan is not None else self.allocator, deferred
+    @property
+    def needs_mixing(self) -> bool:
+        """A one-pass forward must mix quantized and full-precision K/V per query (a residual
+        window or incomplete per-channel key groups; see :mod:`kvq.attention`)."""
+        return bool(self.method.one_pass_quantized) and (
+            self.knobs.get("residual", 0) > 0 or self.knobs.get("key_axis", "token") == "channel"
         )
-        if self.spec.pre_rope:
+
+    def cache(self, plan: BitPlan | None = None, deferred: bool = False) -> Any:
+        """A fresh cache for one window: the method builds it (:meth:`kvq.method.Method.build_cache`)."""
+        return self.method.build_cache(self, plan, deferred)
+
+    def quantized_cache(
+        self, quantizer: Any, plan: BitPlan | None = None, deferred: bool = False
+    ) -> QuantizedCache:
+        """kvq's :class:`~kvq.cache.QuantizedCache` with ``quantizer`` for keys and values."""
+        spec = KVQuantSpec(quantizer, granularity=self.granularity, **self.knobs)
+        return self.cache_of_spec(spec, plan, deferred)
+
+    def cache_of_spec(
+        self, spec: KVQuantSpec, plan: BitPlan | None = None, deferred: bool = False
+    ) -> QuantizedCache:
+        """kvq's :class:`~kvq.cache.QuantizedCache` for a ready ``spec``."""
+        cache = QuantizedCache(spec, self.n_layers, plan if plan is not None else self.allocator, deferred)
+        if spec.pre_rope:
             if self.rope is None:
                 raise ValueError("kv.pre_rope=true needs the model's rotary embedding (KVSetup.rope)")
             cache.set_rope(self.rope)
@@ -83,7 +111,7 @@ class KVSetup:
 
     def check_model(self, model: torch.nn.Module) -> None:
         """One-line error if the model cannot reproduce streaming in a one-pass forward."""
-        if getattr(self.spec, "streaming_exact_needs_mixing", False):
+        if self.needs_mixing:
             impl = getattr(model.config, "_attn_implementation", None)
             if impl != ATTN_IMPL:
                 raise ValueError(
@@ -96,7 +124,7 @@ class KVSetup:
         col = self.allocator.collector()
         with col.collect():
             out = model(ids, **kw)
-        return self.allocator.plan(col.layers, self.spec.granularity, ids.shape[1]), out
+        return self.allocator.plan(col.layers, self.granularity, ids.shape[1]), out
 
 
 @dataclass
@@ -126,7 +154,7 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
     )
 
 
-def _result(nll: float, tokens: int, cache: QuantizedCache) -> WindowResult:
+def _result(nll: float, tokens: int, cache: Any) -> WindowResult:
     m = measured(cache)
     return WindowResult(nll, tokens, m.bytes, m.elements, cache.mean_bits_per_layer())
 
@@ -144,6 +172,14 @@ class Protocol:
         """Whether the cache is quantized at once after a prefill (``granularity=token`` works)."""
         return False
 
+    def prefix_tokens(self, seq_len: int) -> int | None:
+        """Tokens prefilled before the whole cache is quantized (``None``: not such a protocol)."""
+        return None
+
+    def cached_tokens(self, seq_len: int) -> int:
+        """Most tokens the cache holds when it quantizes, in a window of ``seq_len``."""
+        return seq_len
+
 
 @dataclass
 class FakeQuant(Protocol):
@@ -153,8 +189,8 @@ class FakeQuant(Protocol):
         kv.check_model(model)
         plan = kv.plan_from_pass(model, ids)[0] if kv.needs_attention else None
         cache = kv.cache(plan)
-        _MIX.clear()
-        logits = model(ids, past_key_values=cache, use_cache=True).logits
+        clear_mixed()
+        logits = model(ids, cache=cache, use_cache=True).logits
         return _result(_nll(logits[:, :-1], ids[:, 1:]), ids[:, 1:].numel(), cache)
 
 
@@ -180,8 +216,14 @@ class Prefill(Protocol):
     def quantizes_whole_cache(self) -> bool:
         return True
 
+    def prefix_tokens(self, seq_len: int) -> int:
+        return seq_len // 2 if self.prefix_len is None else self.prefix_len
+
+    def cached_tokens(self, seq_len: int) -> int:
+        return self.prefix_tokens(seq_len)
+
     def split(self, T: int) -> int:
-        P = T // 2 if self.prefix_len is None else self.prefix_len
+        P = self.prefix_tokens(T)
         if not 1 <= P <= T - 2:
             raise ValueError(
                 f"eval.prefix_len={P} leaves nothing to score in a window of {T}: lower it or raise data.seq_len"
@@ -192,14 +234,14 @@ class Prefill(Protocol):
         P = self.split(ids.shape[1])
         cache = kv.cache(deferred=True)
         if kv.needs_attention:
-            plan, _ = kv.plan_from_pass(model, ids[:, :P], past_key_values=cache, use_cache=True)
+            plan, _ = kv.plan_from_pass(model, ids[:, :P], cache=cache, use_cache=True)
         else:
-            model(ids[:, :P], past_key_values=cache, use_cache=True)
+            model(ids[:, :P], cache=cache, use_cache=True)
             plan = None
         cache.quantize_now(plan)
         m = measured(cache)
         bits = cache.mean_bits_per_layer()
-        logits = model(ids[:, P:], past_key_values=cache, use_cache=True).logits
+        logits = model(ids[:, P:], cache=cache, use_cache=True).logits
         nll = _nll(logits[:, :-1], ids[:, P + 1 :])
         return WindowResult(nll, ids[:, P + 1 :].numel(), m.bytes, m.elements, bits)
 
@@ -208,11 +250,14 @@ class Prefill(Protocol):
 class Decode(Protocol):
     """Token-by-token scoring through the cache, as in generation."""
 
+    def cached_tokens(self, seq_len: int) -> int:
+        return seq_len - 1  # the last token is never fed
+
     def score(self, model: torch.nn.Module, ids: torch.Tensor, kv: KVSetup) -> WindowResult:
         plan = kv.plan_from_pass(model, ids)[0] if kv.needs_attention else None
         cache = kv.cache(plan)
         nll = 0.0
         for t in range(ids.shape[1] - 1):
-            logits = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+            logits = model(ids[:, t : t + 1], cache=cache, use_cache=True).logits
             nll += _nll(logits[:, -1:], ids[:, t + 1 : t + 2])
         return _result(nll, ids[:, 1:].numel(), cache)

@@ -11,11 +11,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULT_FILE", "ResultStore", "read_result", "versions", "write_result"]
+__all__ = ["DROPPED_FILE", "RESULT_FILE", "ResultStore", "read_result", "versions", "write_result"]
 
 log = logging.getLogger(__name__)
 
+#: every run's record, in its run directory
 RESULT_FILE = "result.json"
+#: what the ``kvq`` sweeper did not launch (invalid or duplicate jobs), in the sweep directory
+DROPPED_FILE = "dropped.json"
 _PACKAGES = ("kvq", "torch", "transformers", "lightning", "hydra-core", "wandb", "datasets")
 
 
@@ -57,16 +60,18 @@ def read_result(run_dir: Path) -> dict[str, Any]:
 class ResultStore:
     """A folder of run records keyed by experiment (``<key>.json``), shared by every run.
 
-    A finished (``ok``) or ``skipped`` record is reused by any later run of the same experiment
-    (a re-run grid, a requeued SLURM job, a W&B agent that draws the same point); ``failed``
-    records are not stored, so failures are retried. Writes are atomic (temp file + rename);
+    A finished (``ok``) record is reused by any later run of the same experiment (a re-run grid,
+    a requeued SLURM job, a W&B agent that draws the same point). Only results are stored:
+    a ``skipped`` verdict is the validator's, recomputed by every run before the store is asked
+    (it never answers for a result), and ``failed`` records are not stored, so failures are
+    retried. Writes are atomic (temp file + rename);
     a truncated or corrupt record is reported with a warning and recomputed.
 
     Args:
         root: the folder (created on first write).
     """
 
-    REUSABLE = ("ok", "skipped")
+    REUSABLE = ("ok",)
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -27,22 +26,24 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from kvq.errors import KVQError, MalformedConfig, one_line
+from kvq.experiment import (
+    AXES,
+    BASELINE_CHOICES,
+    baseline_config,
+    experiment_config,
+    make_point,
+    run_name,
+    unknown_keys,
+)
 from kvq.results import ResultStore, versions, write_result
-from kvq.validate import Report, experiment_key, make_point, validate
+from kvq.validate import Report, experiment_key, validate
 
 log = logging.getLogger("kvq")
 
 __all__ = ["KVQError", "Terminated", "baseline_config", "run"]
-
-_AXES = ("method", "grouping", "bits", "granularity", "model", "data", "eval")
-#: keys that say where and how a run is executed or stored, not what it measures
-_RUNTIME_KEYS = ("results_dir", "reuse")
-
-
-class KVQError(RuntimeError):
-    """A failure the user can fix, reported as one line (no stack trace)."""
 
 
 class Terminated(SystemExit):
@@ -121,29 +122,9 @@ def _choices(cfg: DictConfig) -> dict[str, str]:
         from hydra.core.hydra_config import HydraConfig
 
         ch = HydraConfig.get().runtime.choices
-        return {a: str(ch.get(a)) for a in _AXES if ch.get(a) is not None}
+        return {a: str(ch.get(a)) for a in AXES if ch.get(a) is not None}
     except ValueError:
-        return {a: str(cfg[a].get("_target_", "?")).rsplit(".", 1)[-1].lower() for a in _AXES if a in cfg}
-
-
-def _experiment_cfg(cfg: DictConfig) -> DictConfig:
-    c = copy.deepcopy(cfg)
-    with open_dict(c):
-        for k in _RUNTIME_KEYS:
-            c.pop(k, None)
-    return c
-
-
-def baseline_config(cfg: DictConfig) -> DictConfig:
-    """The full-precision baseline of ``cfg``: same model, data, protocol and seed."""
-    c = _experiment_cfg(cfg)
-    with open_dict(c):
-        c.method = {"_target_": "kvq.quant.FullPrecision", "group_size": None, "outlier_ratio": 0.0}
-        c.bits = {"_target_": "kvq.alloc.FixedBits", "key_bits": 4, "value_bits": None}
-        c.grouping = {"_target_": "kvq.quant.Grouping", "size": None}
-        c.granularity = {"_target_": "kvq.cache.Granularity", "unit": "layer"}
-        c.kv.residual, c.kv.sinks, c.kv.outlier_ratio = 0, 0, 0.0
-    return c
+        return {a: str(cfg[a].get("_target_", "?")).rsplit(".", 1)[-1].lower() for a in AXES if a in cfg}
 
 
 def _peak_bytes(device: torch.device) -> int:
@@ -212,7 +193,7 @@ def _run(cfg: DictConfig, out_dir: Path | None) -> float:
     out_dir = Path(out_dir) if out_dir is not None else _output_dir()
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     choices = _choices(cfg)
-    name = "-".join(choices.get(a, "?") for a in _AXES)
+    name = run_name(choices)
     tags = [f"{a}={c}" for a, c in choices.items()]
     record: dict[str, Any] = {
         "status": "failed",
@@ -233,7 +214,21 @@ def _run(cfg: DictConfig, out_dir: Path | None) -> float:
             meta = model_src.meta()
         except ValueError as e:
             raise KVQError(str(e).splitlines()[0]) from e
-        key = record["key"] = experiment_key(_experiment_cfg(cfg), meta)
+        bad = unknown_keys(cfg)
+        if bad:
+            raise MalformedConfig("; ".join(bad))
+        point = make_point(cfg, meta)
+        report: Report = validate(cfg, meta, point)
+        if not report.ok:  # validated before the store is asked: a verdict never answers for a result
+            record.update(status="skipped", reason=report.reason())
+            log.warning("skipped: %s", record["reason"])
+            tracked = tracker.start(out_dir, name, resolved, [*tags, "skipped"])
+            tracked.summary({"status": "skipped", "skip_reason": record["reason"]})
+            print(f"kvq: skipped {name}: {record['reason']}")
+            return math.nan
+        for v in report.duplicates:
+            log.warning("duplicate configuration (runs anyway): %s", v.line())
+        key = record["key"] = experiment_key(experiment_config(cfg), meta, point, report=report)
         prev = store.get(key) if cfg.get("reuse", True) else None
         if prev is not None:
             record.update(
@@ -246,21 +241,10 @@ def _run(cfg: DictConfig, out_dir: Path | None) -> float:
             tracked = tracker.start(out_dir, name, resolved, [*tags, prev["status"], "reused"])
             tracked.summary({**prev["metrics"], "status": prev["status"], "skip_reason": prev["reason"]})
             return float(prev["metrics"].get("test/ppl", math.nan))
-        point = make_point(cfg, meta)
-        report: Report = validate(cfg, meta, point)
-        if not report.ok:
-            record.update(status="skipped", reason=report.reason())
-            log.warning("skipped: %s", record["reason"])
-            tracked = tracker.start(out_dir, name, resolved, [*tags, "skipped"])
-            tracked.summary({"status": "skipped", "skip_reason": record["reason"]})
-            print(f"kvq: skipped {name}: {record['reason']}")
-            return math.nan
-        for v in report.duplicates:
-            log.warning("duplicate configuration (runs anyway): %s", v.line())
         device = _device(cfg.accelerator)
         tracked = tracker.start(out_dir, name, resolved, tags)
         metrics = _evaluate(cfg, model_src, meta, point, device, tracked.lightning_logger())
-        base = _baseline_ppl(cfg, model_src, meta, point, device, store)
+        base = _baseline_ppl(cfg, model_src, meta, point, device, store, reuse=bool(cfg.get("reuse", True)))
         if base is not None:
             metrics["test/baseline_ppl"] = base
             metrics["test/delta_ppl"] = metrics["test/ppl"] - base
@@ -277,7 +261,7 @@ def _run(cfg: DictConfig, out_dir: Path | None) -> float:
         record["reason"] = str(e)
         raise
     except ValueError as e:  # bad input found while building or loading: one line
-        record["reason"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+        record["reason"] = one_line(e)
         raise KVQError(record["reason"]) from e
     except Terminated as e:
         record["reason"] = str(e)
@@ -289,7 +273,7 @@ def _run(cfg: DictConfig, out_dir: Path | None) -> float:
     finally:
         record["finished"] = time.time()
         write_result(out_dir, record)
-        if "key" in record and "reused_from" not in record:
+        if "key" in record and "reused_from" not in record and record["status"] == "ok":
             store.put(record["key"], record)
         if tracked is not None:
             if record["status"] == "failed":
@@ -303,23 +287,26 @@ def _evaluate(
     """Load the model (cached) and data, run the Lightning test loop, return the metrics."""
     import lightning as L
 
-    from kvq.alloc.qaq import register_stats_attention
-    from kvq.cache import KVQuantSpec
+    from kvq.attention import register
     from kvq.models import load_cached
     from kvq.module import EvalModule
+    from kvq.noise import silence_library_noise
     from kvq.protocols import KVSetup, rope_of
 
+    silence_library_noise()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     # the kvq attention = SDPA (+ QAQ statistics, + streaming-exact mixing): one model serves every job
-    loaded = load_cached(model_src, device=device, attn_implementation=register_stats_attention())
+    loaded = load_cached(model_src, device=device, attn_implementation=register())
     source = instantiate(cfg.data, _convert_="all")
     dm = source.datamodule(loaded.tokenizer, cache_dir=cfg.cache_dir)
-    if getattr(point.method, "is_peer", False):  # transformers' QuantizedCache builds its own cache
-        spec = point.method
-    else:
-        spec = KVQuantSpec(point.method, granularity=point.granularity.unit, **point.kv.knobs())
     kv = KVSetup(
-        spec, point.bits, meta.n_layers, model_config=loaded.model.config, rope=rope_of(loaded.model)
+        point.method,
+        point.bits,
+        meta.n_layers,
+        model_config=loaded.model.config,
+        rope=rope_of(loaded.model),
+        granularity=point.granularity,
+        knobs=point.kv.knobs(),
     )
     module = EvalModule(loaded.model, point.eval, kv)
     trainer = L.Trainer(
@@ -339,31 +326,31 @@ def _evaluate(
 
 
 def _baseline_ppl(
-    cfg: DictConfig, model_src: Any, meta: Any, point: Any, device: torch.device, store: ResultStore
+    cfg: DictConfig,
+    model_src: Any,
+    meta: Any,
+    point: Any,
+    device: torch.device,
+    store: ResultStore,
+    reuse: bool = True,
 ) -> float | None:
-    """Perplexity of the full-precision baseline (from the store; computed once if missing)."""
-    from kvq.quant import FullPrecision
-
-    if isinstance(point.method, FullPrecision):
+    """Perplexity of the full-precision baseline (from the store; computed once if missing, and
+    again when ``reuse`` is off, so a delta is never taken against a stale baseline)."""
+    if not point.method.quantizes:
         return None
     bcfg = baseline_config(cfg)
     key = experiment_key(bcfg, meta)
-    rec = store.get(key)
+    rec = store.get(key) if reuse else None
     if rec is None or rec["status"] != "ok":
-        print(f"kvq: computing the full-precision baseline once (stored as {store.path(key)})")
+        print(f"kvq: computing the full-precision baseline (stored as {store.path(key)})")
         t0 = time.time()
         metrics = _evaluate(bcfg, model_src, meta, make_point(bcfg, meta), device)
+        choices = {**_choices(cfg), **BASELINE_CHOICES}
         rec = {
             "status": "ok",
             "reason": None,
-            "name": "baseline-" + "-".join(_choices(cfg).get(a, "?") for a in ("model", "data", "eval")),
-            "choices": {
-                **_choices(cfg),
-                "method": "none",
-                "bits": "b4",
-                "grouping": "none",
-                "granularity": "layer",
-            },
+            "name": "baseline-" + "-".join(choices.get(a, "?") for a in ("model", "data", "eval")),
+            "choices": choices,
             "config": OmegaConf.to_container(bcfg, resolve=True),
             "metrics": metrics,
             "versions": versions(),

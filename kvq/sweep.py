@@ -29,6 +29,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig
 
+from kvq.errors import one_line
+
 __all__ = [
     "CheckResult",
     "CheckedRun",
@@ -257,6 +259,7 @@ def check(
     from hydra.core.global_hydra import GlobalHydra
 
     import kvq.config  # noqa: F401 -- registers the schemas
+    from kvq.experiment import unknown_keys
     from kvq.validate import MetaCache, triage
 
     path = ""
@@ -286,7 +289,11 @@ def check(
                     cfg = compose("config", overrides=_run_overrides(sweep, argv, params))
                 except Exception as e:  # noqa: BLE001 -- what the run would print before exit 2
                     run.status = "malformed"
-                    run.reason = _error_line(e)
+                    run.reason = one_line(e, chain=True)
+                    continue
+                bad = unknown_keys(cfg)
+                if bad:  # the run exits 2 before it validates
+                    run.status, run.reason = "malformed", "; ".join(bad)
                     continue
                 composed.append((run, cfg))
     finally:
@@ -303,18 +310,6 @@ def check(
         if v.meta_error and (w := f"model-aware checks skipped: {v.meta_error}") not in result.warnings:
             result.warnings.append(w)
     return result
-
-
-def _error_line(e: BaseException) -> str:
-    """A composition error and its causes, first line of each, on one line."""
-    parts: list[str] = []
-    cause: BaseException | None = e
-    while cause is not None:
-        lines = str(cause).strip().splitlines()
-        if lines and lines[0].strip() not in parts:
-            parts.append(lines[0].strip())
-        cause = cause.__cause__
-    return ": ".join(parts) or type(e).__name__
 
 
 def _shown(params: dict[str, Any], varying: Sequence[str]) -> str:

@@ -10,7 +10,9 @@ from kvq.alloc import AttentionAwareBits, FixedBits
 from kvq.alloc.qaq import register_stats_attention
 from kvq.cache import KVQuantSpec, NonFiniteKVError, QuantizedCache
 from kvq.models import TinyRandomLlama
-from kvq.quant import AdaptiveQuantizer, FullPrecision, NormalQuantizer, UniformQuantizer
+from kvq.quant import FullPrecision, UniformQuantizer
+
+from .matrix import QUANTIZING
 
 N_LAYERS = 2
 VOCAB = 512
@@ -29,7 +31,7 @@ def ids() -> torch.Tensor:
 
 @torch.no_grad()
 def logits(model, ids, cache=None) -> torch.Tensor:
-    return model(ids, past_key_values=cache if cache is not None else DynamicCache()).logits
+    return model(ids, cache=cache if cache is not None else DynamicCache()).logits
 
 
 def make(quantizer, bits: int = 4, **kw) -> QuantizedCache:
@@ -43,7 +45,11 @@ def test_none_method_is_identical_to_dynamic_cache(tiny, ids) -> None:
 
 
 @pytest.mark.parametrize("gran", ["head", "layer"])
-@pytest.mark.parametrize("q", [UniformQuantizer(), NormalQuantizer(), AdaptiveQuantizer(group_size=16)])
+@pytest.mark.parametrize(
+    "q",
+    [f(16 if name == "adaptive" else None, 0.0) for name, f in sorted(QUANTIZING.items())],
+    ids=sorted(QUANTIZING),
+)
 def test_eight_bits_close_and_two_bits_not(tiny, ids, gran, q) -> None:
     ref = logits(tiny, ids)
     err8 = (logits(tiny, ids, make(q, 8, granularity=gran)) - ref).abs().max()
@@ -74,7 +80,7 @@ def test_generate_works_with_the_cache(tiny, ids) -> None:
     prompt = ids[:1, :12]
     ref = tiny.generate(prompt, max_new_tokens=16, do_sample=False)
     cache = make(UniformQuantizer(), 8, residual=4, sinks=2)
-    out = tiny.generate(prompt, past_key_values=cache, max_new_tokens=16, do_sample=False)
+    out = tiny.generate(prompt, cache=cache, max_new_tokens=16, do_sample=False)
     assert out.shape == ref.shape == (1, 28)
     assert cache.get_seq_length() == 27  # the last generated token is never fed back
     layer = cache.layers[0]
@@ -131,13 +137,13 @@ def test_token_granularity_quantizes_across_layers_after_prefill(tiny, ids) -> N
         QuantizedCache(spec, N_LAYERS)
     cache = QuantizedCache(spec, N_LAYERS, FixedBits(3), deferred=True)
     with torch.no_grad():
-        tiny(ids[:, :32], past_key_values=cache)
+        tiny(ids[:, :32], cache=cache)
     assert all(not layer.chunks["key"] for layer in cache.layers) and cache.layers[0].deq["key"] is None
     cache.quantize_now()
     (qt,) = cache.cross_layer_chunks["key"]
     assert qt.unit_size == N_LAYERS * 2 * 16 and qt.n_units == 2 * 32
     with torch.no_grad():
-        out = tiny(ids[:, 32:], past_key_values=cache).logits
+        out = tiny(ids[:, 32:], cache=cache).logits
     assert out.shape == (2, 16, VOCAB)
 
 
@@ -146,9 +152,9 @@ def test_prefill_protocol_quantizes_the_prefix_only(tiny, ids) -> None:
         KVQuantSpec(UniformQuantizer(), fp_dtype=None), N_LAYERS, FixedBits(2), deferred=True
     )
     with torch.no_grad():
-        tiny(ids[:, :32], past_key_values=cache)
+        tiny(ids[:, :32], cache=cache)
         cache.quantize_now()
-        q = tiny(ids[:, 32:], past_key_values=cache).logits
+        q = tiny(ids[:, 32:], cache=cache).logits
     ref = logits(tiny, ids)[:, 32:]
     assert not torch.allclose(q, ref, atol=1e-3)
     assert cache.layers[0].n_quantized == 32 and cache.layers[0].res["key"].shape[-2] == 16

@@ -316,3 +316,55 @@ def test_windows_from_pydoc(tmp_path: Path, tiny_model: LoadedModel) -> None:
     with torch.no_grad():
         out = tiny_model.model(**next(iter(dm.test_dataloader())))
     assert out.logits.shape == (1, 512, tiny_model.meta.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# BOS as the tokenizer wants it
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tokenizer_bos", "add_bos", "expect_bos"),
+    [
+        (False, None, False),  # the tiny Llama / SmolLM2 way: no BOS
+        (True, None, True),  # the Gemma way: every window starts with BOS
+        (True, False, False),  # explicit values override the tokenizer
+        (False, True, True),
+    ],
+)
+def test_add_bos_follows_the_tokenizer_unless_set(
+    tmp_path: Path, text_1000: InlineText, tokenizer_bos: bool, add_bos: bool | None, expect_bos: bool
+) -> None:
+    tok = byte_tokenizer(add_bos=tokenizer_bos)
+    dm = TokenWindowDataModule(
+        text_1000, tok, seq_len=64, max_windows=None, add_bos=add_bos, cache_dir=str(tmp_path)
+    )
+    assert dm.add_bos is expect_bos and dm.add_bos_requested is add_bos
+    body = 63 if expect_bos else 64
+    assert dm.n_windows == 1000 // body
+    assert ((dm.windows[:, 0] == tok.bos_token_id).all().item()) is expect_bos
+    text = dm.windows[:, 1:] if expect_bos else dm.windows
+    assert torch.equal(text.reshape(-1), dm.token_ids[: dm.n_windows * body])
+    assert dm.tokens == dm.n_windows * 63
+
+
+def test_windowed_sources_default_to_the_tokenizer(tmp_path: Path) -> None:
+    from kvq.models import TinyRandom
+
+    assert PyDoc().add_bos is None and LocalText().add_bos is None and WikiText2().add_bos is None
+    gemma = TinyRandom(arch="gemma2").load()
+    dm = PyDoc(seq_len=32, max_windows=2).datamodule(gemma.tokenizer, cache_dir=str(tmp_path))
+    assert dm.add_bos is gemma.add_bos is True
+    assert (dm.windows[:, 0] == gemma.tokenizer.bos_token_id).all()
+    with torch.no_grad():
+        assert torch.isfinite(gemma.model(**next(iter(dm.test_dataloader()))).logits).all()
+    plain = PyDoc(seq_len=32, max_windows=2, add_bos=False).datamodule(
+        gemma.tokenizer, cache_dir=str(tmp_path)
+    )
+    assert plain.add_bos is False and plain.windows.shape == (2, 32)
+
+
+def test_data_options_default_add_bos_to_null(compose) -> None:
+    for option in ("pydoc", "wikitext2", "ptb", "c4", "local"):
+        assert compose([f"data={option}"]).data.add_bos is None
+    assert compose(["data=pydoc", "data.add_bos=true"]).data.add_bos is True

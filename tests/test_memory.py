@@ -10,15 +10,9 @@ from hypothesis import strategies as st
 from kvq.alloc import FixedBits
 from kvq.cache import KVQuantSpec, QuantizedCache
 from kvq.memory import CacheShape, bits_per_element, metrics, predict_bytes
-from kvq.quant import AdaptiveQuantizer, FullPrecision, NormalQuantizer, UniformQuantizer
+from kvq.quant import AdaptiveQuantizer, NormalQuantizer, UniformQuantizer
 
-QUANTIZERS = {
-    "none": lambda g, o: FullPrecision(),
-    "uniform": lambda g, o: UniformQuantizer(group_size=g, outlier_ratio=o),
-    "uniform_sym": lambda g, o: UniformQuantizer(group_size=g, outlier_ratio=o, symmetric=True),
-    "normal": lambda g, o: NormalQuantizer(group_size=g, outlier_ratio=o),
-    "adaptive": lambda g, o: AdaptiveQuantizer(group_size=g, outlier_ratio=o),
-}
+from .matrix import QUANTIZERS, QUANTIZING
 
 
 def feed(cache: QuantizedCache, shape: CacheShape, steps: list[int], seed: int = 0) -> None:
@@ -115,7 +109,7 @@ def test_g128_is_meaningful_on_the_embedded_shape() -> None:
     group=st.sampled_from([2, 4, 8]),
     residual=st.integers(0, 5),
     steps=st.lists(st.integers(1, 12), min_size=1, max_size=4),
-    method=st.sampled_from(["uniform", "adaptive", "normal"]),
+    method=st.sampled_from(sorted(QUANTIZING)),
 )
 def test_formula_with_per_channel_key_groups(group, residual, steps, method) -> None:
     shape = CacheShape(n_layers=2, n_kv_heads=2, head_dim=16, batch=1)

@@ -26,7 +26,7 @@ def test_peer_in_the_prefill_protocol(tiny_model, peer, code_bits: float) -> Non
     kv = KVSetup(peer, FixedBits(peer.nbits), tiny_model.meta.n_layers, model_config=model.config)
     with torch.inference_mode():
         r = Prefill().score(model, ids, kv)
-        ref = model(ids, past_key_values=DynamicCache()).logits
+        ref = model(ids, cache=DynamicCache()).logits
     assert r.tokens == 31 and r.nll > 0
     # the prefix (32 tokens) is what the cache stored when it was measured
     B, H, d, L = 1, tiny_model.meta.n_kv_heads, tiny_model.meta.head_dim, tiny_model.meta.n_layers

@@ -49,15 +49,13 @@ def setup(model, quantizer=None, bits: int = 2, **kw) -> KVSetup:
 
 @torch.no_grad()
 def one_pass_logits(model, ids, kv: KVSetup) -> torch.Tensor:
-    return model(ids, past_key_values=kv.cache(), use_cache=True).logits
+    return model(ids, cache=kv.cache(), use_cache=True).logits
 
 
 @torch.no_grad()
 def streaming_logits(model, ids, kv: KVSetup) -> torch.Tensor:
     cache = kv.cache()
-    return torch.cat(
-        [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(ids.shape[1])], dim=1
-    )
+    return torch.cat([model(ids[:, t : t + 1], cache=cache).logits for t in range(ids.shape[1])], dim=1)
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -86,7 +84,7 @@ def test_channel_keys_store_whole_groups_only(model, ids) -> None:
     kv = setup(model, **SPECS["channel-g8"])
     cache = kv.cache()
     with torch.no_grad():
-        model(ids[:, :21], past_key_values=cache)
+        model(ids[:, :21], cache=cache)
     layer = cache.layers[0]
     assert layer.n_quantized == 16 and layer.res["key"].shape[-2] == 5  # 21 = 2 groups of 8 + 5 waiting
     (qt,) = layer.chunks["key"]

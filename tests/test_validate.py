@@ -37,14 +37,47 @@ SMOL_META = ModelMeta("SmolLM2-135M-Instruct.Q4_1", 30, 9, 3, 64, 576, 49152, 81
 LLAMA2_META = ModelMeta("meta-llama/Llama-2-7b-hf", 32, 32, 32, 128, 4096, 32000, 4096)
 LLAMA3_META = ModelMeta("meta-llama/Meta-Llama-3-8B", 32, 32, 8, 128, 4096, 128256, 8192)
 QWEN_META = ModelMeta("Qwen/Qwen2.5-7B", 28, 28, 4, 128, 3584, 152064, 131072)
+S, F = "sliding_attention", "full_attention"
+GEMMA2_META = ModelMeta("google/gemma-2-9b", 42, 16, 8, 256, 3584, 256000, 8192, (S, F) * 21, 4096, "gemma2")
+GEMMA3_META = ModelMeta(
+    "google/gemma-3-4b-pt",
+    34,
+    8,
+    4,
+    256,
+    2560,
+    262208,
+    131072,
+    ((S,) * 5 + (F,)) * 5 + (S,) * 4,
+    1024,
+    "gemma3_text",
+)
+MISTRAL_META = ModelMeta(
+    "mistralai/Mistral-7B-v0.1", 32, 32, 8, 128, 4096, 32000, 32768, (S,) * 32, 4096, "mistral"
+)
+PHI3_META = ModelMeta(
+    "microsoft/Phi-3-mini-4k-instruct", 32, 32, 32, 96, 3072, 32064, 4096, (S,) * 32, 2047, "phi3"
+)
+QWEN3_META = ModelMeta("Qwen/Qwen3-8B", 36, 32, 8, 128, 4096, 151936, 40960, (), None, "qwen3")
+#: every conf/model option's shape (the generic hf / gguf options with a stand-in of their kind)
 MODEL_METAS = {
     "tiny_random": TINY_META,
     "smollm2_135m": SMOL_META,
+    "gguf": SMOL_META,
+    "hf": LLAMA3_META,
     "llama2_7b": LLAMA2_META,
     "llama3_8b": LLAMA3_META,
-    "mistral_7b": LLAMA3_META,  # 32 layers, 8 KV heads, head_dim 128, like Llama-3
+    "mistral_7b": MISTRAL_META,
     "qwen2_5_7b": QWEN_META,
+    "qwen3_8b": QWEN3_META,
+    "gemma2_9b": GEMMA2_META,
+    "gemma3_4b": GEMMA3_META,
+    "phi3_mini": PHI3_META,
 }
+
+
+def test_every_model_option_has_a_shape_here() -> None:
+    assert set(MODEL_METAS) == set(options("model"))
 
 
 def options(group: str) -> list[str]:
@@ -431,16 +464,23 @@ def test_random_configurations_validate_or_are_rejected_in_one_line(compose, ove
 
 
 def _build_cache_spec(cfg) -> None:
-    """What ``kvq.run`` builds from the axes before it loads data (as in ``run._evaluate``)."""
-
-    from kvq.cache import KVQuantSpec
+    """What ``kvq.run`` builds from the axes before it loads data (as in ``run._evaluate``): the
+    method's cache, through the one interface every method has (kvq.method.Method.build_cache)."""
+    from kvq.models import TinyRandomLlama
+    from kvq.protocols import KVSetup
 
     p = make_point(cfg)
     if p.eval.quantizes_whole_cache:
         p.eval.split(p.seq_len)
-    if getattr(p.method, "is_peer", False):
-        return  # transformers' QuantizedCache: built from the method node alone
-    KVQuantSpec(p.method, granularity=p.granularity.unit, **p.kv.knobs())
+    setup = KVSetup(
+        p.method,
+        p.bits,
+        2,
+        model_config=TinyRandomLlama().config(),
+        granularity=p.granularity,
+        knobs=p.kv.knobs(),
+    )
+    setup.cache(deferred=p.eval.quantizes_whole_cache)
 
 
 @pytest.mark.parametrize("rule", ["attn-adaptive", "token-needs-whole-cache", "values"])

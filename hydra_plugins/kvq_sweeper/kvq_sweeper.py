@@ -110,10 +110,17 @@ class KVQSweeper(BasicSweeper):
 
     def plan_jobs(self, jobs: Sequence[Sequence[str]]) -> list[Planned]:
         """Compose and triage every job (composition errors propagate: exit code 2)."""
+        from hydra.errors import ConfigCompositionException
+
+        from kvq.experiment import unknown_keys
         from kvq.validate import MetaCache, triage
 
         tic = time.perf_counter()
         cfgs = [self._compose(j) for j in jobs]
+        for j, cfg in zip(jobs, cfgs):
+            bad = unknown_keys(cfg)
+            if bad:  # malformed like a composition error: nothing is launched (exit code 2)
+                raise ConfigCompositionException(f"{' '.join(j)}: {'; '.join(bad)}")
         metas = MetaCache()
         verdicts = triage(cfgs, metas, model_aware=self.model_aware)
         warned: set = set()

@@ -66,6 +66,8 @@ class FixedBits:
         check_bits(self.key_bits, "bits.key_bits")
         if self.value_bits is not None:
             check_bits(self.value_bits, "bits.value_bits")
+            if self.value_bits == self.key_bits:  # the same as "values like keys"
+                self.value_bits = None
 
     def bits_for(self, kind: Kind) -> int:
         return self.key_bits if kind == "key" or self.value_bits is None else self.value_bits

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from kvq import attention
 from kvq.alloc.base import Kind
+from kvq.granularity import Granularity
 from kvq.quant.base import Quantizer, check_bits
 
 __all__ = [
@@ -90,14 +91,9 @@ class AttentionStatsCollector:
     q_quantile: float = 0.99
     layers: dict[int, AttentionStats] = field(default_factory=dict)
 
-    @contextlib.contextmanager
-    def collect(self) -> Iterator[AttentionStatsCollector]:
-        global _ACTIVE
-        prev, _ACTIVE = _ACTIVE, self
-        try:
-            yield self
-        finally:
-            _ACTIVE = prev
+    def collect(self) -> contextlib.AbstractContextManager[AttentionStatsCollector]:
+        """Collect while the block runs: ``with col.collect(): model(ids)``."""
+        return attention.collecting(self)
 
     def add(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         """Reduce one layer's attention.
@@ -124,14 +120,9 @@ class AttentionStatsCollector:
         self.layers[layer_idx] = AttentionStats(max_attn=max_attn.cpu(), q_norm=q_norm.cpu())
 
 
-_ACTIVE: AttentionStatsCollector | None = None
-
-
 def register_stats_attention() -> str:
     """Register the ``kvq`` attention implementation (SDPA + statistics); returns its name."""
-    from kvq.attention import register
-
-    return register()
+    return attention.register()
 
 
 @dataclass
@@ -194,7 +185,7 @@ class AttentionAwareBits:
     def collector(self) -> AttentionStatsCollector:
         return AttentionStatsCollector(last_n=self.last_n, q_quantile=self.q_quantile)
 
-    def plan(self, stats: dict[int, AttentionStats], granularity: str, seq_len: int) -> QAQPlan:
+    def plan(self, stats: dict[int, AttentionStats], granularity: Granularity | str, seq_len: int) -> QAQPlan:
         """Tolerated errors per unit from collected statistics.
 
         Args:
@@ -202,6 +193,7 @@ class AttentionAwareBits:
             granularity: ``head`` (``[B, H_kv, T]`` units), ``layer`` (``[B, T]``) or ``token``
                 (``[B, T]`` shared by all layers; reductions also take the max over layers).
         """
+        unit = Granularity.of(granularity)
         T = seq_len
         key_err: dict[int, torch.Tensor] = {}
         val_err: dict[int, torch.Tensor] = {}
@@ -209,13 +201,13 @@ class AttentionAwareBits:
             B, H, Tk = s.max_attn.shape
             ke = qaq_key_error(s.q_norm, T, self.eps("key"))  # [B, H]
             ve = qaq_value_error(s.max_attn, T, self.eps("value"))  # [B, H, T]
-            if granularity == "head":
+            if unit.per_head:
                 key_err[li] = ke.unsqueeze(-1).expand(B, H, Tk).clone()
                 val_err[li] = ve
             else:  # one unit spans the heads: the strictest head decides
                 key_err[li] = ke.amin(dim=1, keepdim=True).expand(B, Tk).clone()
                 val_err[li] = ve.amin(dim=1)
-        if granularity == "token":
+        if unit.spans_layers:
             k = torch.stack(list(key_err.values())).amin(dim=0)
             v = torch.stack(list(val_err.values())).amin(dim=0)
             key_err, val_err = {-1: k}, {-1: v}

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -175,9 +175,25 @@ class Quantizer:
     group_size: int | None = None
     outlier_ratio: float = 0.0
 
-    name: ClassVar[str] = "base"
+    #: the option name (``conf/method/<name>.yaml``), shown in messages; "" = the class name
+    name: ClassVar[str] = ""
     #: fp16 values stored per group, as a function of bits (see :meth:`meta_per_group`).
     meta_fields: ClassVar[tuple[str, ...]] = ()
+
+    # -- the method interface (kvq.method.Method): what this method does --------------
+    #: False only for the full-precision baseline
+    quantizes: ClassVar[bool] = True
+    #: a one-pass forward attends to the quantized K/V (kvq's cache always does)
+    one_pass_quantized: ClassVar[bool] = True
+    #: keys and values always one fixed width (kvq's quantizers take per-unit widths)
+    one_width: ClassVar[bool] = False
+    #: the error at b bits follows QAQ's uniform model (range / 2**b): False for methods whose
+    #: levels follow the data (their error must come from the method itself, bits.bridge=true)
+    error_follows_range: ClassVar[bool] = True
+    #: axes and kv.* knobs that do not change this method (kvq.method.KNOBS)
+    ignores: ClassVar[tuple[str, ...]] = ()
+    #: axes that reach the method only through its fields (group_size: ${grouping.size})
+    resolved_axes: ClassVar[tuple[str, ...]] = ("grouping",)
 
     def __post_init__(self) -> None:
         if self.group_size is not None and (
@@ -188,6 +204,11 @@ class Quantizer:
             )
         if not 0.0 <= float(self.outlier_ratio) < 0.5:
             raise ValueError(f"outlier_ratio must be in [0, 0.5), got {self.outlier_ratio}")
+
+    def build_cache(self, setup: Any, plan: Any = None, deferred: bool = False) -> Any:
+        """kvq's ``QuantizedCache`` quantizing keys and values with this quantizer
+        (:meth:`kvq.method.Method.build_cache`; ``setup`` is a :class:`kvq.method.CacheSetup`)."""
+        return setup.quantized_cache(self, plan, deferred)
 
     # ------------------------------------------------------------------ layout helpers
     def effective_group_size(self, unit_size: int) -> int:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kvq.method import KNOBS
 from kvq.quant.base import _FP16_TINY, QTensor, Quantizer, fp16_round_down, fp16_round_up
 
 __all__ = [
@@ -195,6 +196,8 @@ class AdaptiveQuantizer(Quantizer):
 
     name: ClassVar[str] = "adaptive"
     meta_fields: ClassVar[tuple[str, ...]] = ("codebook",)
+    #: its levels are the group's own quantiles: QAQ's range / 2**bits model does not apply
+    error_follows_range: ClassVar[bool] = False
 
     def meta_per_group(self, bits: int) -> int:
         return 1 << bits
@@ -293,6 +296,9 @@ class FullPrecision(Quantizer):
     """
 
     name: ClassVar[str] = "none"
+    quantizes: ClassVar[bool] = False
+    #: stored unquantized: no axis or quantization knob changes it (kv.fp_dtype does)
+    ignores: ClassVar[tuple[str, ...]] = KNOBS
 
     def encode(self, x: torch.Tensor, bits: int | torch.Tensor = 16) -> QTensor:
         return QTensor(n_units=x.shape[0], unit_size=x.shape[1], raw=x.detach().clone())

@@ -12,12 +12,7 @@ from hypothesis import strategies as st
 from kvq.quant import AdaptiveQuantizer, FullPrecision, NormalQuantizer, Quantizer, UniformQuantizer
 from kvq.quant.methods import gaussian_codebook
 
-METHODS = {
-    "uniform": lambda g, o: UniformQuantizer(group_size=g, outlier_ratio=o),
-    "uniform_sym": lambda g, o: UniformQuantizer(group_size=g, outlier_ratio=o, symmetric=True),
-    "normal": lambda g, o: NormalQuantizer(group_size=g, outlier_ratio=o),
-    "adaptive": lambda g, o: AdaptiveQuantizer(group_size=g, outlier_ratio=o),
-}
+from ..matrix import QUANTIZING as METHODS  # the shared matrix: every quantizing method
 
 
 def _data(seed: int, n: int, d: int) -> torch.Tensor:

@@ -1,0 +1,19 @@
+"""The quantized KV cache: knobs and spec, layers, and the transformers ``Cache`` made of them."""
+
+from kvq.cache.cache import QuantizedCache
+from kvq.cache.layers import QuantizedLayer
+from kvq.cache.spec import KINDS, CacheKnobs, KVQuantSpec, KVSettings, NonFiniteKVError, storage_dtype
+from kvq.granularity import GRANULARITIES, Granularity
+
+__all__ = [
+    "GRANULARITIES",
+    "KINDS",
+    "CacheKnobs",
+    "Granularity",
+    "KVQuantSpec",
+    "KVSettings",
+    "NonFiniteKVError",
+    "QuantizedCache",
+    "QuantizedLayer",
+    "storage_dtype",
+]

@@ -1,0 +1,7 @@
+"""``python -m kvq.report`` = ``kvq report``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
