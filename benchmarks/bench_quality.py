@@ -1,6 +1,7 @@
 """Quality per bit: kvq's configurations and the peer baselines on the same windows, one run.
 
     python benchmarks/bench_quality.py [--windows 16] [--out benchmarks/results/quality]
+                                       [--passkey-length 2048] [--passkey-trials 1]
 
 SmolLM2-135M (embedded GGUF, fp32 on CPU), the first ``--windows`` windows of 512 tokens of the
 WikiText-2 raw test split in ``../shared/data``. Two protocols:
@@ -10,8 +11,16 @@ WikiText-2 raw test split in ``../shared/data``. Two protocols:
 * ``fakequant`` — one forward per window, every key/value a query sees quantized (streaming-exact
   for per-channel key groups and residual windows).
 
-Writes ``quality.json`` (one record per row: ppl, Δppl %, bits/element) and, through
-``kvq.report``, ``report.md`` / ``report.csv`` / ``pareto.png``.
+Every row is also compared with the full-precision row of its protocol on the same windows and
+tokens (:mod:`kvq.reference`, recorded by the ``fp16 KV`` row under ``<out>/reference/``): mean
+per-token KL(p_fp || p), top-1 agreement, and the paired 95% bootstrap interval (over windows) of
+Δppl %. And every configuration answers the passkey test (:class:`kvq.protocols.Passkey`: prefill,
+quantize the whole cache, decode greedily) at ``--passkey-length`` tokens (the longest length the
+embedded model retrieves at in full precision; 0 = skip), at depths 0, 25, 50, 75 and 100%.
+
+Writes ``quality.json`` (one record per row: ppl, Δppl % with its interval, KL, agreement,
+passkey accuracy, bits/element), ``quality.md`` (the table) and, through ``kvq.report``,
+``report.md`` / ``report.csv`` / ``pareto.png``.
 Memory is what the caches really hold; the peers keep their scales and zero-points in the
 model's compute dtype (fp32 here), kvq keeps metadata in fp16.
 """
@@ -33,8 +42,9 @@ from kvq.alloc import AttentionAwareBits, FixedBits
 from kvq.attention import register
 from kvq.models import SmolLM2Embedded
 from kvq.peers import HFHQQ, HFQuanto
-from kvq.protocols import FakeQuant, KVSetup, Prefill, rope_of
+from kvq.protocols import FakeQuant, KVSetup, Passkey, Prefill, rope_of
 from kvq.quant import AdaptiveQuantizer, FullPrecision, UniformQuantizer
+from kvq.reference import Reference, distribution_metrics
 from kvq.report import write_report
 
 
@@ -247,11 +257,55 @@ def rows(protocol: str) -> list[Row]:
     return out
 
 
+def passkey_accuracy(lm: Any, kv: KVSetup, length: int, trials: int) -> float:
+    """Passkey accuracy of one configuration at ``length`` tokens (5 depths x ``trials``)."""
+    proto = Passkey(lengths=[length], depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=trials, seed=0)
+    dm = proto.datamodule(None, lm.tokenizer)
+    with torch.inference_mode():
+        rs = [proto.score(lm.model, b["input_ids"], kv) for b in dm.test_dataloader()]
+    return sum(r.correct for r in rs) / len(rs)
+
+
+def _cell(v: Any, spec: str) -> str:
+    return "–" if v is None or not math.isfinite(v) else format(v, spec)
+
+
+def quality_md(records: list[dict[str, Any]], passkey_length: int) -> str:
+    """The benchmark's table: one line per row, with the distribution metrics and the passkey."""
+    pk = f"passkey @ {passkey_length}" if passkey_length else "passkey"
+    lines = [
+        f"| protocol | configuration | ppl | Δppl % | Δppl % 95% CI | KL (nats) | top-1 agree | {pk} | bits/element |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for rec in records:
+        m = rec["metrics"]
+        lo, hi = m.get("test/delta_ppl_pct_lo"), m.get("test/delta_ppl_pct_hi")
+        ci = (
+            "–"
+            if lo is None
+            else f"[{lo:+.2f}, {hi:+.2f}]" + (" ○" if lo <= 0 <= hi and m.get("test/kl", 0) > 0 else "")
+        )
+        lines.append(
+            f"| {rec['choices']['eval']} | {rec['name']} | {m['test/ppl']:.3f} | {m['test/delta_ppl_pct']:+.2f} | "
+            f"{ci} | {_cell(m.get('test/kl'), '.4f')} | {_cell(m.get('test/top1_agree'), '.4f')} | "
+            f"{_cell(m.get('test/passkey_acc'), '.2f')} | {m['kv/bits_per_element']:.2f} |"
+        )
+    lines.append("")
+    lines.append(
+        "KL = mean per-token KL(p_fp || p) over the full vocabulary, top-1 agree = fraction of scored tokens "
+        "whose argmax is the fp argmax, both against the fp16 KV row of the same protocol on the same "
+        "tokens; 95% CI = paired bootstrap over windows (2000 resamples, seed 0); ○ = contains 0."
+    )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--protocols", default="prefill,fakequant")
     ap.add_argument("--out", default="benchmarks/results/quality")
+    ap.add_argument("--passkey-length", type=int, default=2048, help="0 = no passkey column")
+    ap.add_argument("--passkey-trials", type=int, default=1, help="prompts per depth (5 depths)")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -259,10 +313,14 @@ def main() -> None:
     windows = eval_windows(lm.tokenizer, args.windows, require_wikitext=True)
     rope = rope_of(lm.model)
     records = []
+    passkey: dict[
+        str, float
+    ] = {}  # label -> accuracy (a configuration's passkey does not depend on the protocol)
     for proto_name in args.protocols.split(","):
         proto = Prefill() if proto_name == "prefill" else FakeQuant()
         base = None
-        for row in rows(proto_name):
+        ref_dir = out_dir / "reference" / f"{proto_name}-w{args.windows}"
+        for i, row in enumerate(rows(proto_name)):
             gran = row.choices["granularity"]
             kv = KVSetup(
                 row.method,
@@ -273,17 +331,16 @@ def main() -> None:
                 granularity=gran if gran in ("head", "layer", "token") else "head",
                 knobs=row.kv,
             )
+            # the first row (fp16 KV) records the fp reference, every other row compares with it
+            proto.reference = Reference(ref_dir, record=i == 0)
             t0 = time.perf_counter()
-            nll = tok = nbytes = elems = 0
+            results = []
             with torch.inference_mode():
                 for w in windows:
-                    r = proto.score(lm.model, w.unsqueeze(0), kv)
-                    nll, tok, nbytes, elems = (
-                        nll + r.nll,
-                        tok + r.tokens,
-                        nbytes + r.kv_bytes,
-                        elems + r.kv_elements,
-                    )
+                    results.append(proto.score(lm.model, w.unsqueeze(0), kv))
+            nll, tok = sum(r.nll for r in results), sum(r.tokens for r in results)
+            nbytes, elems = sum(r.kv_bytes for r in results), sum(r.kv_elements for r in results)
+            proto.reference.finish()
             ppl = math.exp(nll / tok)
             base = ppl if base is None else base
             m = {
@@ -291,10 +348,15 @@ def main() -> None:
                 "test/baseline_ppl": base,
                 "test/delta_ppl": ppl - base,
                 "test/delta_ppl_pct": 100 * (ppl - base) / base,
+                **distribution_metrics(results, proto.reference),
                 "kv/bits_per_element": 8 * nbytes / elems,
                 "kv/compression": 2 * elems / nbytes,
                 "time/eval_s": time.perf_counter() - t0,
             }
+            if args.passkey_length:
+                if row.label not in passkey:
+                    passkey[row.label] = passkey_accuracy(lm, kv, args.passkey_length, args.passkey_trials)
+                m["test/passkey_acc"] = m[f"test/passkey_acc/len_{args.passkey_length}"] = passkey[row.label]
             rec = {
                 "status": "ok",
                 "reason": None,
@@ -313,17 +375,25 @@ def main() -> None:
             }
             records.append(rec)
             print(
-                f"{proto_name:9s} {row.label:55s} ppl {ppl:8.3f}  {m['test/delta_ppl_pct']:+7.2f}%  "
+                f"{proto_name:9s} {row.label:55s} ppl {ppl:8.3f}  {m['test/delta_ppl_pct']:+7.2f}% "
+                f"[{m.get('test/delta_ppl_pct_lo', math.nan):+.2f}, {m.get('test/delta_ppl_pct_hi', math.nan):+.2f}]  "
+                f"KL {m.get('test/kl', math.nan):.4f}  top1 {m.get('test/top1_agree', math.nan):.3f}  "
+                f"passkey {m.get('test/passkey_acc', math.nan):.2f}  "
                 f"{m['kv/bits_per_element']:5.2f} bits/elem  ({m['time/eval_s']:.0f}s)",
                 flush=True,
             )
             (out_dir / "quality.json").write_text(
-                json.dumps({"windows": args.windows, "records": records}, indent=1, default=str)
+                json.dumps(
+                    {"windows": args.windows, "passkey_length": args.passkey_length, "records": records},
+                    indent=1,
+                    default=str,
+                )
             )
+    (out_dir / "quality.md").write_text(quality_md(records, args.passkey_length))
     for rec in records:  # where kvq.report says a row came from
         rec["_path"] = rec["_root"] = str(out_dir / "quality.json")
     files = write_report(records, out_dir)
-    print("wrote", out_dir / "quality.json", *files.values())
+    print("wrote", out_dir / "quality.json", out_dir / "quality.md", *files.values())
 
 
 if __name__ == "__main__":

@@ -13,12 +13,22 @@ from omegaconf import DictConfig
 
 log = logging.getLogger("kvq")
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "entry_point", "hydra_main", "main", "mark_composed"]
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILED",
+    "entry_point",
+    "failed_jobs",
+    "hydra_main",
+    "main",
+    "mark_composed",
+    "note_failed_jobs",
+]
 
-EXIT_FAILED = 1  # the run failed (one-line reason on stderr, result.json written)
+EXIT_FAILED = 1  # the run failed (one-line reason on stderr, result.json written); a grid with a failed job
 EXIT_CONFIG = 2  # malformed configuration: unknown key/option, wrong type
 
 _composed = False
+_failed_jobs = 0
 
 
 def mark_composed() -> None:
@@ -29,6 +39,18 @@ def mark_composed() -> None:
     """
     global _composed
     _composed = True
+
+
+def note_failed_jobs(n: int) -> None:
+    """The ``kvq`` sweeper found ``n`` failed jobs in a grid: :func:`hydra_main` exits with
+    :data:`EXIT_FAILED` once the multirun (and its report) is done."""
+    global _failed_jobs
+    _failed_jobs += int(n)
+
+
+def failed_jobs() -> int:
+    """Failed jobs noted by the sweeper in this process (:func:`note_failed_jobs`)."""
+    return _failed_jobs
 
 
 def _multirun() -> bool:
@@ -63,7 +85,10 @@ def entry_point(cfg: DictConfig) -> float:
 
 def hydra_main(main: Callable[[], Any]) -> int:
     """Call a ``@hydra.main`` function; composition errors (Hydra exits 1 before anything was
-    composed, see :func:`mark_composed`) become :data:`EXIT_CONFIG`."""
+    composed, see :func:`mark_composed`) become :data:`EXIT_CONFIG`, and a multirun with a failed
+    job (:func:`note_failed_jobs`) exits with :data:`EXIT_FAILED` after writing its report."""
+    global _composed, _failed_jobs
+    _composed, _failed_jobs = False, 0
     try:
         main()
     except SystemExit as e:
@@ -71,7 +96,7 @@ def hydra_main(main: Callable[[], Any]) -> int:
         if code == 1 and not _composed:
             return EXIT_CONFIG
         return code
-    return 0
+    return EXIT_FAILED if _failed_jobs else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,8 @@ SCHEMA_GROUPS: tuple[str, ...] = (
     "data",
     "eval",
     "logger",
+    "rotation",
+    "calib",
 )
 
 _SCHEMAS: dict[type, type] = {}
@@ -106,6 +108,8 @@ class RunConfig:
     """The top-level schema: one node per experimental axis plus run-wide knobs.
 
     Attributes:
+        rotation: the transform around the quantizer (``conf/rotation/``, :mod:`kvq.quant.rotation`).
+        calib: calibration windows of calibrated methods and allocators (``conf/calib/``, :mod:`kvq.calib`).
         seed: global seed (``lightning.seed_everything``).
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``/``cuda``).
         cache_dir: token-cache folder (``null`` = ``~/.cache/kvq``).
@@ -121,6 +125,8 @@ class RunConfig:
     data: Any = MISSING
     eval: Any = MISSING
     logger: Any = MISSING
+    rotation: Any = MISSING
+    calib: Any = MISSING
     kv: Any = field(default_factory=schema(KVSettings))
     seed: int = 0
     accelerator: str = "auto"

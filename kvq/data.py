@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -37,7 +38,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kvq.errors import one_line
+from kvq.models.digest import file_digest
 from kvq.models.meta import tokenizer_adds_bos
+from kvq.textfile import TextFileError, check_text_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -147,6 +150,10 @@ class Windowed:
     seq_len: int = 512
     max_windows: int | None = 16
     add_bos: bool | None = None
+
+    def fingerprint(self) -> str:
+        """What the text *is* (a result's identity): a hub dataset's name, config, split, revision."""
+        return f"{self.cache_key()}@default"  # type: ignore[attr-defined]
 
     def datamodule(
         self, tokenizer: PreTrainedTokenizerBase, cache_dir: str | None = None
@@ -305,6 +312,11 @@ class LocalText(Windowed):
         """
         files = self._files()
         try:
+            for f in files:
+                check_text_file(f)
+        except TextFileError as err:
+            raise DataError(str(err)) from None
+        try:
             import datasets
         except ImportError as err:
             raise DataError(f"cannot import datasets ({one_line(err, 120, first_line=False)})") from None
@@ -314,15 +326,19 @@ class LocalText(Windowed):
                 ds = datasets.load_dataset(
                     "text", data_files=[str(f) for f in files], split="train", cache_dir=str(cache)
                 )
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, datasets.exceptions.DatasetsError) as err:
             raise DataError(
-                f"cannot read data file(s) {self.path!r}: {one_line(err, 160, first_line=False)}"
+                f"cannot read data file(s) {self.path!r}: {one_line(err, 160, root_cause=True)}"
             ) from None
         return "\n".join(ds["text"])
 
     def cache_key(self) -> str:
         """``local:<resolved files>``; raises :class:`DataError` if ``path`` is missing."""
         return "local:" + ",".join(str(f) for f in self._files())
+
+    def fingerprint(self) -> str:
+        """``local:`` + each file's name and content hash: editing a file changes it."""
+        return "local:" + ",".join(f"{f.name}={file_digest(f)}" for f in self._files())
 
 
 @dataclass
@@ -342,6 +358,10 @@ class PyDoc(Windowed):
     def cache_key(self) -> str:
         """``pydoc:<python version>``."""
         return f"pydoc:python-{platform.python_version()}"
+
+    def fingerprint(self) -> str:
+        """The Python version and the content hash of ``pydoc_data/topics.py``."""
+        return f"{self.cache_key()}:{file_digest(importlib.util.find_spec('pydoc_data.topics').origin)}"
 
 
 # --------------------------------------------------------------------------------------------

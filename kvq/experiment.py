@@ -25,9 +25,11 @@ __all__ = [
     "BASELINE_CHOICES",
     "BASELINE_NODES",
     "NON_EXPERIMENT_KEYS",
+    "NUMERIC_PACKAGES",
     "Point",
     "baseline_config",
     "experiment_config",
+    "identity",
     "is_baseline_record",
     "make_point",
     "node_of",
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 #: the experimental axes (config groups), in the order runs are named and reports sorted
-AXES: tuple[str, ...] = ("method", "grouping", "bits", "granularity", "model", "data", "eval")
+AXES: tuple[str, ...] = ("method", "grouping", "bits", "granularity", "model", "data", "eval", "rotation")
 #: config keys that say where and how a run executes, is logged or stored -- not what it measures
 NON_EXPERIMENT_KEYS: tuple[str, ...] = ("logger", "accelerator", "cache_dir", "hydra", "results_dir", "reuse")
 
@@ -46,12 +48,14 @@ BASELINE_CHOICES: dict[str, str] = {
     "bits": "b4",
     "grouping": "none",
     "granularity": "layer",
+    "rotation": "none",
 }
 BASELINE_NODES: dict[str, dict[str, Any]] = {
     "method": {"_target_": "kvq.quant.FullPrecision", "group_size": None, "outlier_ratio": 0.0},
     "bits": {"_target_": "kvq.alloc.FixedBits", "key_bits": 4, "value_bits": None},
     "grouping": {"_target_": "kvq.quant.Grouping", "size": None},
     "granularity": {"_target_": "kvq.granularity.Granularity", "unit": "layer"},
+    "rotation": {"_target_": "kvq.quant.NoRotation"},
 }
 #: the kv knobs a baseline resets (fp_dtype stays: the baseline stores K/V in the same dtype)
 _BASELINE_KV: dict[str, Any] = {
@@ -62,6 +66,46 @@ _BASELINE_KV: dict[str, Any] = {
     "key_group": 32,
     "pre_rope": False,
 }
+
+
+#: the packages whose versions are part of a result's identity, because they change its numbers:
+#: torch (kernels, SDPA, dtype casts), transformers (the model code, GGUF dequantization, the
+#: tokenizer glue) and kvq itself (its quantizers and cache). Not lightning, hydra, wandb or
+#: datasets: they move numbers around, they do not compute them (the text is fingerprinted).
+NUMERIC_PACKAGES: tuple[str, ...] = ("kvq", "torch", "transformers")
+
+
+def identity(cfg: DictConfig, model_src: Any, device: Any) -> dict[str, Any]:
+    """What changes a run's numbers beyond its config: the part of the experiment key that the
+    config cannot say (:func:`kvq.validate.experiment_key`).
+
+    Args:
+        cfg: the composed config (its ``data`` node is instantiated, no text is read).
+        model_src: the ``model`` node's loader (its ``fingerprint()``: a content hash of local
+            weights, the HF-cache snapshot commit of a hub id).
+        device: the ``torch.device`` the run computes on.
+
+    Returns:
+        ``device`` (its kind: ``cpu``/``cuda``), ``dtype`` (the compute dtype ``model.dtype``
+        resolves to there: ``auto`` is float32 on CPU, bfloat16 on GPU), ``model`` and ``data``
+        (fingerprints of what the weights and the text *are*) and ``versions``
+        (:data:`NUMERIC_PACKAGES`).
+    """
+    from kvq.models import resolve_dtype
+    from kvq.results import versions
+
+    dtype = getattr(model_src, "dtype", None)
+    resolved = str(resolve_dtype(dtype, device)).removeprefix("torch.") if dtype is not None else None
+    data = instantiate(cfg.data, _convert_="all")
+    fp = getattr(model_src, "fingerprint", None) or model_src.cache_key
+    vs = versions()
+    return {
+        "device": device.type,
+        "dtype": resolved,
+        "model": fp(),
+        "data": (getattr(data, "fingerprint", None) or data.cache_key)(),
+        "versions": {p: vs.get(p) for p in NUMERIC_PACKAGES},
+    }
 
 
 def experiment_config(cfg: DictConfig) -> DictConfig:
@@ -115,6 +159,9 @@ class Point:
         meta: the model's shape (model-aware rules) or ``None``.
         errors: node -> one-line message of a node that could not be built.
         seq_len: tokens per evaluation window (``data.seq_len``), ``None`` if unknown.
+        rotation: the ``rotation`` node (``None`` where the config has none).
+        calib: the ``calib`` node (``None`` where the config has none).
+        data: the resolved ``data`` node as a plain dict (not instantiated), or ``None``.
     """
 
     method: Any
@@ -126,6 +173,9 @@ class Point:
     meta: Any = None
     errors: dict[str, str] = field(default_factory=dict)
     seq_len: int | None = None
+    rotation: Any = None
+    calib: Any = None
+    data: dict[str, Any] | None = None
 
     def unit_size(self) -> int | None:
         """Features in one quantization unit on this model (``None`` without the model's shape)."""
@@ -161,7 +211,10 @@ def make_point(cfg: DictConfig, meta: Any = None) -> Point:
     """Instantiate the cheap axis nodes of ``cfg`` (no model, no data)."""
     errors: dict[str, str] = {}
     built: dict[str, Any] = {}
-    for name in ("grouping", "granularity", "kv", "bits", "eval", "method"):
+    for name in ("grouping", "granularity", "kv", "bits", "eval", "method", "rotation", "calib"):
+        if name in ("rotation", "calib") and name not in cfg:
+            built[name] = None
+            continue
         try:
             built[name] = instantiate(cfg[name], _convert_="all")
         except Exception as e:  # noqa: BLE001 -- reported as a one-line violation
@@ -177,7 +230,15 @@ def make_point(cfg: DictConfig, meta: Any = None) -> Point:
         seq_len = None
     elif max_windows is not None and max_windows < 1:
         errors["data"] = f"data.max_windows must be >= 1 or null for all (got {max_windows})"
-    return Point(meta=meta, errors=errors, seq_len=seq_len, **built)
+    try:
+        data = (
+            OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=False) if "data" in cfg else None
+        )
+    except Exception:  # noqa: BLE001 -- the data node's own errors surface when it is built
+        data = None
+    return Point(
+        meta=meta, errors=errors, seq_len=seq_len, data=data if isinstance(data, dict) else None, **built
+    )
 
 
 def _select_int(cfg: DictConfig, key: str) -> int | None:

@@ -13,6 +13,16 @@ The two must agree exactly (tested). Per quantized unit of ``D`` features at ``b
 
 All on the real number of KV heads (GQA), so ``kv/bytes_fp16`` is what an fp16
 ``DynamicCache`` would hold for the same tokens.
+
+**Stored once per model** (calibrated codebooks of ``method=nuq``): not in any window's cache, so
+a run counts them once and amortises them over every K/V element it evaluated
+(:func:`amortised`)::
+
+    kv/bits_per_element = 8 * (sum_w cache_bytes_w + codebook_bytes) / sum_w elements_w
+
+with ``kv/cache_bits_per_element`` the same without the codebooks, and ``kv/codebook_bytes`` the
+bytes of every codebook the run used (2 bytes per fp16 level). A deployment serving more tokens
+amortises them further: the figure is an upper bound for it.
 """
 
 from __future__ import annotations
@@ -23,7 +33,16 @@ from typing import Any
 
 from kvq.cache import KVQuantSpec
 
-__all__ = ["CacheShape", "Measured", "bits_per_element", "kv_figures", "measured", "metrics", "predict_bytes"]
+__all__ = [
+    "CacheShape",
+    "Measured",
+    "amortised",
+    "bits_per_element",
+    "kv_figures",
+    "measured",
+    "metrics",
+    "predict_bytes",
+]
 
 
 @dataclass(frozen=True)
@@ -132,3 +151,28 @@ def metrics(cache: Any) -> dict[str, float]:
     """``kv/bytes``, ``kv/bytes_fp16``, ``kv/bits_per_element``, ``kv/compression`` of one cache."""
     m = measured(cache)
     return kv_figures(float(m.bytes), float(m.elements))
+
+
+def amortised(figures: dict[str, float], once_bytes: float, n: int | None = None) -> dict[str, float]:
+    """The KV figures of a run with ``once_bytes`` stored once per model (codebooks) besides its caches.
+
+    Args:
+        figures: a run's metrics with ``kv/bytes`` and ``kv/bytes_fp16`` per cache (:func:`kv_figures`)
+            and ``test/windows`` (or ``n``) caches.
+        once_bytes: bytes stored once for the whole run.
+        n: caches (windows); default ``figures["test/windows"]``.
+
+    Returns:
+        ``kv/codebook_bytes``, ``kv/cache_bits_per_element`` (the caches alone) and the amortised
+        ``kv/bits_per_element`` and ``kv/compression`` (module docstring), to update ``figures`` with.
+    """
+    n = int(n if n is not None else figures.get("test/windows", 1) or 1)
+    cache_bytes = float(figures.get("kv/bytes", math.nan)) * n
+    elements = float(figures.get("kv/bytes_fp16", math.nan)) * n / 2.0
+    out = kv_figures(cache_bytes + float(once_bytes), elements, n)
+    return {
+        "kv/codebook_bytes": float(once_bytes),
+        "kv/cache_bits_per_element": float(figures.get("kv/bits_per_element", math.nan)),
+        "kv/bits_per_element": out["kv/bits_per_element"],
+        "kv/compression": out["kv/compression"],
+    }

@@ -41,6 +41,7 @@ KNOBS: tuple[str, ...] = (
     "kv.key_axis",
     "kv.key_group",
     "kv.pre_rope",
+    "rotation",
 )
 
 

@@ -98,7 +98,7 @@ class HFPeer:
     #: one width (nbits) for keys and values
     one_width: ClassVar[bool] = True
     error_follows_range: ClassVar[bool] = True
-    #: transformers' cache has no kvq unit layout, sinks, outliers or per-channel key groups
+    #: transformers' cache has no kvq unit layout, sinks, outliers, per-channel key groups or rotation
     #: (bits, grouping and kv.residual reach it through nbits, q_group_size and residual_length)
     ignores: ClassVar[tuple[str, ...]] = (
         "granularity",
@@ -107,6 +107,7 @@ class HFPeer:
         "kv.key_axis",
         "kv.key_group",
         "kv.pre_rope",
+        "rotation",
     )
     #: nbits and q_group_size come from the bits and grouping options (conf/method/hf_*.yaml)
     resolved_axes: ClassVar[tuple[str, ...]] = ("bits", "grouping")

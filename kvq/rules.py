@@ -23,7 +23,7 @@ __all__ = ["RULES", "Rewrite", "Rule", "Violation"]
 
 #: the config defaults of the axes a method may ignore, as objects and as config nodes
 _DEFAULT_NODES: dict[str, dict[str, Any]] = {
-    a: BASELINE_NODES[a] for a in ("bits", "grouping", "granularity")
+    a: BASELINE_NODES[a] for a in ("bits", "grouping", "granularity", "rotation")
 }
 _DEFAULTS: dict[str, Any] = {a: instantiate(n) for a, n in _DEFAULT_NODES.items()}
 #: defaults of the ``kv`` node's knobs
@@ -127,6 +127,8 @@ def _shown(knob: str, v: Any) -> str:
                 f", bits.value_bits={v.value_bits}" if v.value_bits else ""
             )
         return f"bits={type(v).__name__}"
+    if knob == "rotation":
+        return f"rotation={getattr(v, 'name', type(v).__name__)}"
     return f"{knob}={v}"
 
 
@@ -135,6 +137,8 @@ def _changed(p: Point, knobs: Sequence[str]) -> list[str]:
     out = []
     for knob in knobs:
         v, d = _knob_value(p, knob), _knob_default(knob)
+        if v is None and knob == "rotation":  # a config without the rotation axis
+            continue
         if (float(v) != d) if isinstance(d, float) else (v != d):
             out.append(_shown(knob, v))
     return out

@@ -14,17 +14,20 @@ from __future__ import annotations
 import logging
 import math
 import os
+import platform
 import resource
 import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,10 +37,13 @@ from kvq.experiment import (
     BASELINE_CHOICES,
     baseline_config,
     experiment_config,
+    identity,
     make_point,
     run_name,
     unknown_keys,
 )
+from kvq.outcome import NOTHING_QUANTIZED, check_finite, check_weights, nothing_quantized
+from kvq.reference import attach_reference, reference_ready
 from kvq.results import ResultStore, versions, write_result
 from kvq.validate import Report, experiment_key, validate
 
@@ -170,6 +176,28 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
+_models: dict[str, Any] = {"loads": 0, "last": None}  # weakref to the model the last run used
+
+
+def _note_model(loaded: Any) -> None:
+    """Count model loads in this process: ``load_cached`` handing out another object than last time
+    loaded one (a weak reference: the cache alone decides when the old model is freed)."""
+    last = _models["last"]
+    if last is None or last() is not loaded:
+        _models["loads"] += 1
+        _models["last"] = weakref.ref(loaded)
+
+
+def _process() -> dict[str, Any]:
+    """Where a run ran: host, pid, ``CUDA_VISIBLE_DEVICES`` and the models this process loaded so far."""
+    return {
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "model_loads": _models["loads"],
+    }
+
+
 def run(cfg: DictConfig, out_dir: Path | None = None) -> float:
     """Validate, evaluate and record one configuration.
 
@@ -205,10 +233,11 @@ def _run(cfg: DictConfig, out_dir: Path | None) -> float:
         "versions": versions(),
         "started": time.time(),
     }
-    tracker = instantiate(cfg.logger, _convert_="all")
     tracked = None
     store = ResultStore(_results_dir(cfg))
+    reuse = bool(cfg.get("reuse", True))
     try:
+        tracker = instantiate(cfg.logger, _convert_="all")
         model_src = instantiate(cfg.model, _convert_="all")
         try:
             meta = model_src.meta()
@@ -220,16 +249,16 @@ def _run(cfg: DictConfig, out_dir: Path | None) -> float:
         point = make_point(cfg, meta)
         report: Report = validate(cfg, meta, point)
         if not report.ok:  # validated before the store is asked: a verdict never answers for a result
-            record.update(status="skipped", reason=report.reason())
-            log.warning("skipped: %s", record["reason"])
             tracked = tracker.start(out_dir, name, resolved, [*tags, "skipped"])
-            tracked.summary({"status": "skipped", "skip_reason": record["reason"]})
-            print(f"kvq: skipped {name}: {record['reason']}")
-            return math.nan
+            return _skip(record, tracked, name, report.reason() or "invalid")
         for v in report.duplicates:
             log.warning("duplicate configuration (runs anyway): %s", v.line())
-        key = record["key"] = experiment_key(experiment_config(cfg), meta, point, report=report)
-        prev = store.get(key) if cfg.get("reuse", True) else None
+        device = _device(cfg.accelerator)
+        ident = identity(cfg, model_src, device)
+        key = record["key"] = experiment_key(
+            experiment_config(cfg), meta, point, identity=ident, report=report
+        )
+        prev = store.get(key) if reuse else None
         if prev is not None:
             record.update(
                 status=prev["status"],
@@ -241,14 +270,29 @@ def _run(cfg: DictConfig, out_dir: Path | None) -> float:
             tracked = tracker.start(out_dir, name, resolved, [*tags, prev["status"], "reused"])
             tracked.summary({**prev["metrics"], "status": prev["status"], "skip_reason": prev["reason"]})
             return float(prev["metrics"].get("test/ppl", math.nan))
-        device = _device(cfg.accelerator)
+        store.check_writable()  # before any compute: an unwritable store must not cost an evaluation
         tracked = tracker.start(out_dir, name, resolved, tags)
+        # the baseline first: it writes the fp reference the distribution metrics compare with
+        base = _baseline_ppl(cfg, model_src, meta, point, device, store, ident, reuse=reuse)
+        attach_reference(point, store.root, experiment_key(baseline_config(cfg), meta, identity=ident), reuse)
         metrics = _evaluate(cfg, model_src, meta, point, device, tracked.lightning_logger())
-        base = _baseline_ppl(cfg, model_src, meta, point, device, store, reuse=bool(cfg.get("reuse", True)))
+        check_finite(metrics, f"the evaluation of {name}")
+        if nothing_quantized(point, metrics):
+            tracked.tag("skipped")
+            return _skip(record, tracked, name, NOTHING_QUANTIZED)
         if base is not None:
             metrics["test/baseline_ppl"] = base
             metrics["test/delta_ppl"] = metrics["test/ppl"] - base
             metrics["test/delta_ppl_pct"] = 100.0 * (metrics["test/ppl"] - base) / base
+        # a plan from a full-precision pass over the whole window sees later tokens: say so
+        sees_window = (
+            bool(getattr(point.bits, "needs_attention", False)) and not point.eval.quantizes_whole_cache
+        )
+        metrics["eval/streaming_exact"] = 0.0 if sees_window else 1.0
+        if sees_window:
+            from kvq.alloc.qaq import WHOLE_WINDOW_NOTE
+
+            record["notes"] = [WHOLE_WINDOW_NOTE]
         record["metrics"] = metrics
         record["status"] = "ok"
         tracked.summary(metrics)
@@ -256,12 +300,15 @@ def _run(cfg: DictConfig, out_dir: Path | None) -> float:
             f"kvq {name}",
             [(k, _fmt(v)) for k, v in metrics.items() if not k.startswith("bits/") or k.endswith("/mean")],
         )
-        return float(metrics["test/ppl"])
+        return float(metrics.get("test/ppl", math.nan))  # retrieval, lm_eval, generate: no ppl
     except KVQError as e:
         record["reason"] = str(e)
         raise
     except ValueError as e:  # bad input found while building or loading: one line
-        record["reason"] = one_line(e)
+        record["reason"] = one_line(e, root_cause=True)
+        raise KVQError(record["reason"]) from e
+    except InstantiationException as e:  # a node that cannot be built: its own one line
+        record["reason"] = one_line(e, root_cause=True)
         raise KVQError(record["reason"]) from e
     except Terminated as e:
         record["reason"] = str(e)
@@ -272,13 +319,25 @@ def _run(cfg: DictConfig, out_dir: Path | None) -> float:
         raise
     finally:
         record["finished"] = time.time()
+        record["process"] = _process()  # which worker ran it (local_gpus: one per device)
         write_result(out_dir, record)
         if "key" in record and "reused_from" not in record and record["status"] == "ok":
             store.put(record["key"], record)
+        if record["status"] == "skipped":
+            store.put_verdict(record)  # kept apart, for the record: never consulted for reuse
         if tracked is not None:
             if record["status"] == "failed":
                 tracked.summary({"status": "failed", "fail_reason": record["reason"]})
             tracked.finish(exit_code=0 if record["status"] in ("ok", "skipped") else 1)
+
+
+def _skip(record: dict[str, Any], tracked: Any, name: str, reason: str) -> float:
+    """Record a skipped run (its one-line reason: console, W&B summary, ``result.json``)."""
+    record.update(status="skipped", reason=reason, metrics={})
+    log.warning("skipped: %s", reason)
+    tracked.summary({"status": "skipped", "skip_reason": reason})
+    print(f"kvq: skipped {name}: {reason}")
+    return math.nan
 
 
 def _evaluate(
@@ -288,6 +347,7 @@ def _evaluate(
     import lightning as L
 
     from kvq.attention import register
+    from kvq.calib import calibrate, calibrated_metrics
     from kvq.models import load_cached
     from kvq.module import EvalModule
     from kvq.noise import silence_library_noise
@@ -297,8 +357,10 @@ def _evaluate(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     # the kvq attention = SDPA (+ QAQ statistics, + streaming-exact mixing): one model serves every job
     loaded = load_cached(model_src, device=device, attn_implementation=register())
+    _note_model(loaded)
+    check_weights(loaded.model, getattr(meta, "name", "the model"))
     source = instantiate(cfg.data, _convert_="all")
-    dm = source.datamodule(loaded.tokenizer, cache_dir=cfg.cache_dir)
+    dm = point.eval.datamodule(source, loaded.tokenizer, cache_dir=cfg.cache_dir)
     kv = KVSetup(
         point.method,
         point.bits,
@@ -307,6 +369,18 @@ def _evaluate(
         rope=rope_of(loaded.model),
         granularity=point.granularity,
         knobs=point.kv.knobs(),
+        rotation=point.rotation,
+    )
+    # calibrated methods / allocators (method=nuq, bits=budget) fit on the calib windows first
+    calibrate(
+        kv,
+        point.calib,
+        loaded.model,
+        loaded.tokenizer,
+        source,
+        store=_results_dir(cfg) / "calib",
+        model_tag=f"{(getattr(model_src, 'fingerprint', None) or model_src.cache_key)()}|{device.type}",
+        cache_dir=cfg.cache_dir,
     )
     module = EvalModule(loaded.model, point.eval, kv)
     trainer = L.Trainer(
@@ -320,7 +394,7 @@ def _evaluate(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trainer.test(module, datamodule=dm, verbose=False)
-    metrics = dict(module.results)
+    metrics = calibrated_metrics(kv, dict(module.results))  # codebooks stored once, budget report
     metrics["mem/peak_bytes"] = float(_peak_bytes(device))
     return metrics
 
@@ -332,19 +406,24 @@ def _baseline_ppl(
     point: Any,
     device: torch.device,
     store: ResultStore,
+    ident: dict[str, Any] | None = None,
     reuse: bool = True,
 ) -> float | None:
     """Perplexity of the full-precision baseline (from the store; computed once if missing, and
-    again when ``reuse`` is off, so a delta is never taken against a stale baseline)."""
-    if not point.method.quantizes:
+    again when ``reuse`` is off, so a delta is never taken against a stale baseline). Its key
+    carries the run's ``identity`` (dtype, device, fingerprints, versions)."""
+    if not point.method.quantizes or not point.eval.has_baseline:
         return None
     bcfg = baseline_config(cfg)
-    key = experiment_key(bcfg, meta)
+    key = experiment_key(bcfg, meta, identity=ident)
     rec = store.get(key) if reuse else None
-    if rec is None or rec["status"] != "ok":
+    if rec is None or rec["status"] != "ok" or not reference_ready(point, store.root, key):
         print(f"kvq: computing the full-precision baseline (stored as {store.path(key)})")
         t0 = time.time()
-        metrics = _evaluate(bcfg, model_src, meta, make_point(bcfg, meta), device)
+        bpoint = make_point(bcfg, meta)
+        attach_reference(bpoint, store.root, key, reuse=reuse)  # it writes the fp reference
+        metrics = _evaluate(bcfg, model_src, meta, bpoint, device)
+        check_finite(metrics, "the full-precision baseline (method=none)")
         choices = {**_choices(cfg), **BASELINE_CHOICES}
         rec = {
             "status": "ok",

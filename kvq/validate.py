@@ -37,9 +37,13 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kvq import rules, rules_needs
 from kvq.errors import flat, one_line
 from kvq.experiment import NON_EXPERIMENT_KEYS, Point, make_point, node_of
-from kvq.rules import RULES, Rule, Violation
+from kvq.rules import Rule, Violation
+
+#: every rule, in the order they are checked (the point's axes first, then what it needs)
+RULES: list[Rule] = [*rules.RULES, *rules_needs.RULES]
 
 __all__ = [
     "RULES",
@@ -93,13 +97,19 @@ class Report:
         return [v.line() for v in (*self.invalid, *self.duplicates)]
 
 
+#: config nodes that are not a config group (no ``conf/<node>/`` folder): where they are defined
+_NODE_HOME = {"kv": "the kv: node of conf/config.yaml"}
+
+
+def _values_fix(node: str) -> str:
+    """The fix of an impossible value of ``node``: where its options and defaults are."""
+    return f"correct {node}.* (see {_NODE_HOME.get(node, f'the options in conf/{node}/')})"
+
+
 def validate(cfg: DictConfig, meta: Any = None, point: Point | None = None) -> Report:
     """Check ``cfg`` against every rule (model-aware ones only when ``meta`` is given)."""
     p = point or make_point(cfg, meta)
-    out = [
-        Violation("values", "invalid", msg, f"correct {node}.* (see conf/{node}/ or the node's own key)")
-        for node, msg in p.errors.items()
-    ]
+    out = [Violation("values", "invalid", msg, _values_fix(node)) for node, msg in p.errors.items()]
     fired = []
     for r in RULES:
         v = r.check(p)
@@ -131,7 +141,7 @@ def canonical_config(
     assert isinstance(c, dict)
     for k in NON_EXPERIMENT_KEYS:
         c.pop(k, None)
-    for axis in ("method", "bits", "grouping", "granularity", "kv", "eval"):
+    for axis in ("method", "bits", "grouping", "granularity", "kv", "eval", "rotation", "calib"):
         obj = getattr(p, axis)
         if obj is not None and dataclasses.is_dataclass(obj):
             c[axis] = node_of(obj)

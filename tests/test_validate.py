@@ -280,7 +280,7 @@ def test_experiment_key_maps_duplicates_together(compose) -> None:
     assert k(g64, LLAMA3_META) != k(none, LLAMA3_META)
     assert k(g64) != k(none)  # without the shape: not known to be the same
     # what changes the experiment changes the key
-    assert len({k(compose([f"bits={b}"])) for b in options("bits")}) == 5
+    assert len({k(compose([f"bits={b}"])) for b in options("bits")}) == len(options("bits")) >= 5
     assert k(compose(["seed=1"])) != k(compose([]))
 
 
@@ -422,6 +422,14 @@ ATTN_KNOBS = {
     "bits.q_quantile": st.floats(-0.5, 1.5, allow_nan=False),
     "bits.bridge": st.booleans(),
 }
+BUDGET_KNOBS = {
+    "bits.avg": st.floats(-1.0, 9.0, allow_nan=False),
+    "bits.n_min": st.integers(-1, 10),
+    "bits.n_max": st.integers(-1, 10),
+    "bits.count_metadata": st.booleans(),
+}
+#: the knobs of the allocators that are not FixedBits (b2, b3, ... are)
+BITS_KNOBS = {"attn": ATTN_KNOBS, "budget": BUDGET_KNOBS}
 PREFILL_KNOBS = {"eval.prefix_len": st.one_of(st.none(), st.integers(-2, 600))}
 
 
@@ -437,7 +445,7 @@ def configurations(draw) -> list[str]:
     ov = [f"{g}={draw(st.sampled_from(options(g)))}" for g in (*GROUP_AXES, "model", "data", "logger")]
     chosen = dict(o.split("=") for o in ov)
     knobs = dict(KNOBS)
-    knobs.update(ATTN_KNOBS if chosen["bits"] == "attn" else FIXED_KNOBS)
+    knobs.update(BITS_KNOBS.get(chosen["bits"], FIXED_KNOBS))  # each allocator's own fields
     if chosen["eval"] == "prefill":
         knobs.update(PREFILL_KNOBS)
     for key in draw(st.lists(st.sampled_from(sorted(knobs)), unique=True, max_size=4)):
@@ -542,3 +550,14 @@ def test_attention_aware_values_with_per_channel_keys_are_valid(compose) -> None
         ["model=tiny_random", "bits=attn", "bits.fixed_key_bits=4", "kv.key_axis=channel", "eval=prefill"]
     )
     assert validate(cfg).ok
+
+
+def test_token_units_on_a_model_with_sliding_layers_are_invalid(compose) -> None:
+    """The model's layer types come from its config (no weights): sliding layers drop old tokens,
+    so a unit spanning every layer cannot exist there."""
+    cfg = compose(["granularity=token", "eval=prefill"])
+    assert validate(cfg, LLAMA3_META).ok
+    for meta in (MISTRAL_META, GEMMA2_META, GEMMA3_META):
+        rep = validate(cfg, meta)
+        assert [v.rule for v in rep.invalid] == ["token-sliding"] and "\n" not in rep.reason()
+    assert validate(compose(["granularity=layer", "eval=prefill"]), GEMMA3_META).ok

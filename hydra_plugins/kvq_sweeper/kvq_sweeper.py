@@ -33,6 +33,8 @@ from hydra.core.utils import JobReturn
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from hydra_plugins.kvq_sweeper._jobs import failed_return, job_dir, job_failure
+
 # No `from __future__ import annotations` here: Hydra executes plugin modules without adding
 # them to sys.modules, and dataclasses cannot resolve string annotations then.
 
@@ -177,20 +179,62 @@ class KVQSweeper(BasicSweeper):
             return returns
         # Every job composed: a failure from here on is a job's (exit 1), not a malformed config
         # (exit 2, kvq.cli.hydra_main) -- jobs on SLURM run their task in other processes.
-        from kvq.cli import mark_composed
+        from kvq.cli import mark_composed, note_failed_jobs
 
         mark_composed()
         self.overrides = list(self.split_overrides_to_chunks(kept, self.max_batch_size))
         self.batch_index = 0
         initial_job_idx = 0
+        failed: list[tuple[int, str]] = []
         while not self.is_done():
             batch = self.get_job_batch()
-            results = self.launcher.launch(batch, initial_job_idx=initial_job_idx)
-            for r in results:
-                _ = r.return_value  # raise if the job failed
+            results, launch_error = self._launch(batch, initial_job_idx)
+            if launch_error is not None:
+                last = initial_job_idx + len(batch) - 1
+                print(
+                    f"kvq sweeper: could not launch jobs #{initial_job_idx}-#{last}: {launch_error}",
+                    flush=True,
+                )
+            for i, (overrides, r) in enumerate(zip(batch, results)):
+                num = initial_job_idx + i
+                why = job_failure(r, self._job_dir(overrides, num) if r.hydra_cfg is None else None)
+                if why is not None:  # the grid goes on; the report lists it; the exit code says it
+                    failed.append((num, why))
+                    if launch_error is None:
+                        print(f"kvq sweeper: job #{num} failed: {why}", flush=True)
             initial_job_idx += len(batch)
             returns.append(results)
+        close = getattr(self.launcher, "close", None)  # a launcher with workers (local_gpus) stops them
+        if callable(close):
+            close()
+        if failed:
+            note_failed_jobs(len(failed))
+            print(
+                f"kvq sweeper: {len(failed)} of {initial_job_idx} jobs failed "
+                f"(#{', #'.join(str(n) for n, _ in failed)}); the report lists their reasons",
+                flush=True,
+            )
         return returns
+
+    def _job_dir(self, overrides: Sequence[str], num: int) -> Path:
+        assert self.hydra_context is not None and self.config is not None
+        return job_dir(self.hydra_context.config_loader, self.config, overrides, num)
+
+    def _launch(
+        self, batch: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> tuple[Sequence[JobReturn], str | None]:
+        """Launch a batch: ``(returns, None)``; a launcher that fails (a rejected submission, no
+        GPU on the cluster, ...) fails each job of the batch with its one line instead of ending
+        the grid with a stack trace: ``(failed returns, that line)``."""
+        assert self.launcher is not None
+        try:
+            return self.launcher.launch(batch, initial_job_idx=initial_job_idx), None
+        except Exception as e:  # noqa: BLE001
+            from kvq.errors import one_line
+
+            line = one_line(e, chain=True, limit=400)
+            log.debug("launcher failure", exc_info=True)
+            return [failed_return(o, f"not launched: {line}") for o in batch], line
 
 
 def _print_plan(plan: Sequence[Planned], swept: set) -> None:

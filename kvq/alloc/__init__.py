@@ -1,6 +1,7 @@
-"""Bit allocation: how many bits each quantization unit gets."""
+"""Bit allocation: how many bits each quantization unit gets (fixed, attention-aware, budget)."""
 
 from kvq.alloc.base import BitAllocator, BitPlan, FixedBits
+from kvq.alloc.budget import BudgetBits, solve_budget
 from kvq.alloc.qaq import (
     AttentionAwareBits,
     AttentionStats,
@@ -16,8 +17,10 @@ __all__ = [
     "AttentionStatsCollector",
     "BitAllocator",
     "BitPlan",
+    "BudgetBits",
     "FixedBits",
     "qaq_bits",
     "qaq_key_error",
     "qaq_value_error",
+    "solve_budget",
 ]

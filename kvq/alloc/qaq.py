@@ -29,6 +29,7 @@ from kvq.granularity import Granularity
 from kvq.quant.base import Quantizer, check_bits
 
 __all__ = [
+    "WHOLE_WINDOW_NOTE",
     "AttentionAwareBits",
     "AttentionStats",
     "AttentionStatsCollector",
@@ -95,29 +96,69 @@ class AttentionStatsCollector:
         """Collect while the block runs: ``with col.collect(): model(ids)``."""
         return attention.collecting(self)
 
-    def add(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        """Reduce one layer's attention.
+    def add(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        scaling: float,
+        attention_mask: torch.Tensor | None = None,
+        softcap: float | None = None,
+    ) -> None:
+        """Reduce one layer's attention, as the model computes it.
 
         Args:
-            query: ``[B, H, Tq, d]`` queries after RoPE.
+            query: ``[B, H, Tq, d]`` queries after RoPE (the last ``Tq`` of ``Tk`` positions).
             key: ``[B, H_kv, Tk, d]`` all keys the queries attend to (after RoPE).
             scaling: the softmax scale of the attention scores.
+            attention_mask: the model's mask (bool or additive, ``[B or 1, 1, Tq, >= Tk]``):
+                padding and sliding windows are honoured; ``None`` = causal.
+            softcap: the model's logit softcap (Gemma 2), applied before the softmax.
         """
         B, H, Tq, _ = query.shape
         H_kv, Tk = key.shape[1], key.shape[2]
         rep = H // H_kv
         q = query.float() * scaling
         n = min(self.last_n, Tq)
-        rows = q[:, :, Tq - n :, :]  # [B, H, n, d]
-        k = key.float().repeat_interleave(rep, dim=1)
-        scores = rows @ k.transpose(-1, -2)  # [B, H, n, Tk]
-        q_pos = torch.arange(Tk - n, Tk, device=q.device).unsqueeze(-1)
-        scores = scores.masked_fill(torch.arange(Tk, device=q.device) > q_pos, -math.inf)
-        attn = scores.softmax(dim=-1).amax(dim=2)  # [B, H, Tk]
-        max_attn = attn.view(B, H_kv, rep, Tk).amax(dim=2)
-        qn = torch.quantile((q**2).sum(-1), self.q_quantile, dim=-1)  # [B, H]
+        rows = q[:, :, Tq - n :, :].reshape(B, H_kv, rep, n, -1)  # [B, H_kv, rep, n, d]
+        scores = rows @ key.float().unsqueeze(2).transpose(-1, -2)  # [B, H_kv, rep, n, Tk]
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if attention_mask is None:
+            q_pos = torch.arange(Tk - n, Tk, device=q.device).unsqueeze(-1)
+            allowed = (torch.arange(Tk, device=q.device) <= q_pos).view(1, 1, 1, n, Tk)
+            scores = scores.masked_fill(~allowed, -math.inf)
+            valid_q = None
+        else:
+            m = attention_mask[..., attention_mask.shape[-1] - Tk :]
+            m_rows = m[..., Tq - n :, :] if m.shape[-2] == Tq else m
+            if m.dtype == torch.bool:
+                scores = scores.masked_fill(~m_rows.unsqueeze(2), -math.inf)
+                live = m.any(dim=-1) if m.shape[-2] == Tq else None  # [B or 1, 1, Tq]
+            else:
+                scores = scores + m_rows.unsqueeze(2).float()
+                live = torch.isfinite(m.amax(dim=-1)) if m.shape[-2] == Tq else None
+            valid_q = None if live is None else live.expand(B, 1, Tq)
+        top = scores.amax(dim=-1, keepdim=True)
+        attn = torch.where(torch.isfinite(top), scores.softmax(dim=-1), 0.0)  # pad query rows: 0
+        max_attn = attn.amax(dim=(2, 3))  # [B, H_kv, Tk]: over the rows and the group's heads
+        qn2 = (q**2).sum(-1)  # [B, H, Tq]
+        if valid_q is not None:  # pad query rows do not define the query norm
+            qn2 = qn2.masked_fill(~valid_q.to(qn2.device), math.nan)
+            qn = torch.nanquantile(qn2, self.q_quantile, dim=-1)
+        else:
+            qn = torch.quantile(qn2, self.q_quantile, dim=-1)  # [B, H]
         q_norm = qn.view(B, H_kv, rep).amax(dim=2)
         self.layers[layer_idx] = AttentionStats(max_attn=max_attn.cpu(), q_norm=q_norm.cpu())
+
+
+#: what a one-pass (fakequant/decode) run with attention-aware bits records about its allocation
+WHOLE_WINDOW_NOTE = (
+    "bits=attn with a one-pass protocol: the widths come from a full-precision pass over the whole window "
+    "(QAQ's prefill statistics), so a token's width depends on the attention of the window's last "
+    "bits.last_n queries, which come after it; the K/V each query sees are streaming-exact, their widths "
+    "are not (eval=prefill plans from the prefix alone)"
+)
 
 
 def register_stats_attention() -> str:

@@ -135,6 +135,10 @@ class KVQuantSpec(CacheKnobs):
     key_quantizer: Quantizer
     value_quantizer: Quantizer | None = None
     granularity: Granularity | str = "head"
+    #: an orthogonal transform of each head's features applied before quantization and undone
+    #: after dequantization (``rotate(x, layer_idx, kind)`` / ``unrotate(x, layer_idx, kind)`` on
+    #: ``[B, H, t, d]``; keys are rotated after RoPE, or before it with ``pre_rope``); ``None`` = none
+    rotation: Any = None
 
     #: a ready spec used as a run's method (:class:`kvq.protocols.KVSetup`): kvq's cache
     one_pass_quantized: ClassVar[bool] = True

@@ -226,9 +226,12 @@ def finish(
     dtype: torch.dtype,
     attn_implementation: str | None,
 ) -> PreTrainedModel:
-    """Put a model on its device/dtype, in eval mode, with the requested attention backend."""
+    """Put a model on its device/dtype, in eval mode, with the requested attention backend; a
+    kvq ``QuantizedCache`` passed to it learns its batch's left padding (:func:`kvq.cache.watch_padding`)."""
+    from kvq.cache import watch_padding
+
     if attn_implementation is not None and model.config._attn_implementation != attn_implementation:
         model.set_attn_implementation(attn_implementation)
     model = model.to(device=torch.device(device), dtype=dtype)
     model.eval()
-    return model
+    return watch_padding(model)

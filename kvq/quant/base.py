@@ -20,6 +20,11 @@ Optional outliers (the top and bottom ``outlier_ratio / 2`` of each unit) are ex
 statistics and stored sparsely in fp16 with their index. Codes are bit-packed
 (:mod:`kvq.quant.packing`). Units may carry different bit widths (attention-aware allocation):
 units are then partitioned by width, and the per-unit widths are stored as one uint8 each.
+
+:meth:`Quantizer.encode` / :meth:`Quantizer.decode` run fused kernels where a method provides
+them (:meth:`Quantizer.fused_spec`, :mod:`kvq.quant.fused`); :meth:`Quantizer.encode_reference`
+/ :meth:`Quantizer.decode_reference` are the eager op chain they are tested against, bit for bit.
+Sums over a group are taken in one fixed order (:func:`tree_sum`) so that both agree exactly.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
+from kvq.quant import fused
+from kvq.quant.fused import FusedSpec
 from kvq.quant.packing import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = [
@@ -43,6 +51,7 @@ __all__ = [
     "fp16_round_down",
     "fp16_round_up",
     "index_dtype",
+    "tree_sum",
 ]
 
 MIN_BITS, MAX_BITS = 1, 8
@@ -65,6 +74,28 @@ def fp16_round_up(x: torch.Tensor) -> torch.Tensor:
     """Smallest fp16 value ``>= x`` (elementwise), returned as fp16."""
     h = x.half()
     return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, math.inf)), h)
+
+
+def tree_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis in a fixed pairwise order: zero-padded to a power of two, then halves
+    added (``t[i] + t[i + h]``) until one value is left -- the same float operations on every
+    backend (``torch.sum``'s order depends on the kernel and the CPU's vector width), which the
+    fused kernels reproduce.
+
+    Args:
+        x: ``[..., g]``.
+
+    Returns:
+        ``[..., 1]``, in ``x``'s dtype.
+    """
+    g = x.shape[-1]
+    padded = 1 << max(g - 1, 0).bit_length()
+    if padded != g:
+        x = F.pad(x, (0, padded - g))
+    while x.shape[-1] > 1:
+        h = x.shape[-1] // 2
+        x = x[..., :h] + x[..., h:]
+    return x
 
 
 def index_dtype(unit_size: int) -> torch.dtype:
@@ -154,6 +185,52 @@ class QTensor:
         if not self.parts:
             return 0.0
         return sum(p.bits * p.n_units for p in self.parts) / max(self.n_units, 1)
+
+    def take(self, rows: torch.Tensor) -> QTensor:
+        """The units ``rows`` (``[M]`` indices into ``[0, N)``, any order, repeats allowed), as a
+        new block -- exact: codes are unpacked and repacked, nothing is re-quantized.
+
+        What the cache needs to evict tokens, crop, and select or reorder batch rows (beam
+        search) on quantized storage.
+        """
+        rows = rows.to(torch.long)
+        M, D = int(rows.numel()), self.unit_size
+        out = QTensor(n_units=M, unit_size=D)
+        if self.raw is not None:
+            out.raw = self.raw.index_select(0, rows.to(self.raw.device))
+            return out
+        dev = self.parts[0].codes.device if self.parts else rows.device
+        rows = rows.to(dev)
+        if self.outlier_values is not None:
+            out.outlier_values = self.outlier_values.index_select(0, rows)
+            out.outlier_index = self.outlier_index.index_select(0, rows)
+        if self.unit_bits is None:
+            widths = (
+                torch.full((M,), self.parts[0].bits, dtype=torch.uint8, device=dev) if self.parts else None
+            )
+            local = rows
+        else:
+            widths = self.unit_bits.index_select(0, rows)
+            # each unit's index inside its width's part: its rank among the units of that width
+            local_all = torch.zeros(self.n_units, dtype=torch.long, device=dev)
+            for part in self.parts:
+                mine = (self.unit_bits == part.bits).nonzero().squeeze(1)
+                local_all[mine] = torch.arange(mine.numel(), device=dev)
+            local = local_all.index_select(0, rows)
+        parts = []
+        for part in self.parts:
+            pick = (widths == part.bits).nonzero().squeeze(1) if self.unit_bits is not None else None
+            idx = local if pick is None else local.index_select(0, pick)
+            n = int(idx.numel())
+            if n == 0:
+                continue
+            codes = unpack_codes(part.codes, part.bits, part.n_units * D).view(part.n_units, D)
+            meta = {k: v.index_select(0, idx) for k, v in part.meta.items()}
+            parts.append(QPart(part.bits, n, pack_codes(codes.index_select(0, idx), part.bits), meta))
+        out.parts = parts
+        if self.unit_bits is not None and len(parts) > 1:
+            out.unit_bits = widths
+        return out
 
 
 @dataclass
@@ -313,6 +390,23 @@ class Quantizer:
         n, G, _ = codes.shape
         return torch.gather(lv.expand(n, G, lv.shape[-1]), 2, codes)
 
+    def fused_spec(self, bits: int) -> FusedSpec | None:
+        """The fused kernel of this method (:mod:`kvq.quant.fused`), or ``None`` (the default: the
+        eager hooks run). A spec promises that the kernel computes exactly what the hooks do; a
+        subclass that overrides a hook runs the eager path (:meth:`_fused_applies`).
+
+        Args:
+            bits: code width.
+
+        Returns:
+            The kernel's method name and constants, or ``None``.
+        """
+        return None
+
+    def _fused_applies(self) -> bool:
+        """Whether this object's hooks are those of the class that declared :meth:`fused_spec`."""
+        return fused.hooks_unchanged(type(self), Quantizer)
+
     # ------------------------------------------------------------------ shared path
     def _grouped(self, x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """``[n, D]`` -> zero-padded ``[n, G, g]`` values and their validity mask.
@@ -347,7 +441,8 @@ class Quantizer:
         return torch.gather(x, 1, idx).half(), idx.to(index_dtype(x.shape[1])), keep
 
     def encode(self, x: torch.Tensor, bits: int | torch.Tensor) -> QTensor:
-        """Quantize a block of units.
+        """Quantize a block of units (the fused kernels where they apply, else the eager path;
+        the result is the same bit for bit).
 
         Args:
             x: ``[N, D]`` floating tensor, one unit per row.
@@ -356,11 +451,32 @@ class Quantizer:
         Returns:
             The packed :class:`QTensor`.
         """
+        return self._encode(x, bits, self._use_fused(x))
+
+    def encode_reference(self, x: torch.Tensor, bits: int | torch.Tensor) -> QTensor:
+        """:meth:`encode` (``x`` ``[N, D]``, widths as there) by the eager op chain: the reference
+        the fused kernels are tested against."""
+        with fused.reference():
+            return self.encode(x, bits)
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        return (
+            fused.enabled()
+            and x.dim() == 2
+            and x.shape[0] > 0
+            and self.fused_spec(MIN_BITS) is not None
+            and self._fused_applies()
+            and fused.supports(x)
+        )
+
+    def _encode(self, x: torch.Tensor, bits: int | torch.Tensor, use_fused: bool) -> QTensor:
         if x.dim() != 2:
             raise ValueError(f"encode expects [N, D] units, got shape {tuple(x.shape)}")
         N, D = x.shape
-        x32 = x.float()
-        ov, oi, keep = self._split_outliers(x32) if N else (None, None, None)
+        # the kernels read fp16/bf16/fp32 directly; outlier selection runs on float32 as the reference
+        x32 = x.float() if not use_fused or self.n_outliers(D) else None
+        ov, oi, keep = self._split_outliers(x32) if N and x32 is not None else (None, None, None)
+        src = x32 if x32 is not None else x
         qt = QTensor(n_units=N, unit_size=D, outlier_values=ov, outlier_index=oi)
         if isinstance(bits, torch.Tensor):
             if bits.shape != (N,):
@@ -377,8 +493,14 @@ class Quantizer:
             check_bits(bits)
             groups = [(bits, None)]
         for b, rows in groups:
-            xs = x32 if rows is None else x32.index_select(0, rows)
+            xs = src if rows is None else src.index_select(0, rows)
             ks = keep if keep is None or rows is None else keep.index_select(0, rows)
+            spec = self.fused_spec(b) if use_fused else None
+            done = fused.encode_part(spec, xs, ks, b, self.effective_group_size(D)) if spec else None
+            if done is not None:
+                qt.parts.append(QPart(bits=b, n_units=xs.shape[0], codes=done[1], meta=done[0]))
+                continue
+            xs = xs.float()
             xg, valid = self._grouped(xs, ks)
             meta, codes = self._fit_assign(xg, valid, b)
             codes = codes.clamp_(0, (1 << b) - 1)
@@ -387,7 +509,36 @@ class Quantizer:
         return qt
 
     def decode(self, qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dequantize a block: ``[N, D]`` in ``dtype``."""
+        """Dequantize a block: ``[N, D]`` in ``dtype`` (the fused kernels where they apply)."""
+        if qt.raw is None and qt.parts and fused.enabled() and self.fused_spec(MIN_BITS) is not None:
+            out = self._decode_fused(qt, dtype)
+            if out is not None:
+                return out
+        return self._decode_eager(qt, dtype)
+
+    def _decode_fused(self, qt: QTensor, dtype: torch.dtype) -> torch.Tensor | None:
+        if not self._fused_applies() or qt.parts[0].codes.device.type != "cpu":
+            return None
+        N, D = qt.n_units, qt.unit_size
+        g = self.effective_group_size(D)
+        out = torch.empty(N, D, dtype=dtype)
+        for part in qt.parts:
+            spec = self.fused_spec(part.bits)
+            rows = None if qt.unit_bits is None else (qt.unit_bits == part.bits).nonzero().squeeze(1)
+            if spec is None or not fused.decode_part(
+                spec, part.codes, part.meta, part.n_units, D, g, part.bits, out, rows
+            ):
+                return None
+        if qt.outlier_values is not None:
+            out.scatter_(1, qt.outlier_index.long(), qt.outlier_values.to(dtype))
+        return out
+
+    def decode_reference(self, qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """:meth:`decode` by the eager op chain: ``[N, D]`` in ``dtype``."""
+        with fused.reference():
+            return self.decode(qt, dtype)
+
+    def _decode_eager(self, qt: QTensor, dtype: torch.dtype) -> torch.Tensor:
         N, D = qt.n_units, qt.unit_size
         if qt.raw is not None:
             return qt.raw.to(dtype)

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from kvq.method import KNOBS
-from kvq.quant.base import _FP16_TINY, QTensor, Quantizer, fp16_round_down, fp16_round_up
+from kvq.quant.base import _FP16_TINY, QTensor, Quantizer, fp16_round_down, fp16_round_up, tree_sum
+from kvq.quant.fused import FusedSpec
 
 __all__ = [
     "AdaptiveQuantizer",
@@ -53,6 +54,12 @@ def _sort_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = packed & ((1 << shift) - 1)
     v = (packed >> shift).to(torch.int32)
     return (v ^ ((v >> 31) & 0x7FFFFFFF)).view(torch.float32), order
+
+
+@functools.cache
+def _unit_grid(L: int) -> torch.Tensor:
+    """``linspace(0, 1, L)`` (float32 ``[L]``), computed once: the min-max grid's fractions."""
+    return torch.linspace(0.0, 1.0, L)
 
 
 @dataclass
@@ -117,6 +124,9 @@ class UniformQuantizer(Quantizer):
     def _reconstruct(self, codes: torch.Tensor, meta: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
         return self._offset(meta, bits) + codes.float() * meta["scale"].float()
 
+    def fused_spec(self, bits: int) -> FusedSpec:
+        return FusedSpec("uniform", self.meta_fields, symmetric=self.symmetric)
+
 
 @functools.cache
 def gaussian_codebook(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,9 +159,9 @@ class NormalQuantizer(Quantizer):
 
     def _fit(self, x: torch.Tensor, valid: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
         w = valid.float()
-        cnt = w.sum(dim=-1, keepdim=True).clamp_min(1.0)
-        mean = (x * w).sum(dim=-1, keepdim=True) / cnt
-        var = (((x - mean) * w) ** 2).sum(dim=-1, keepdim=True) / cnt
+        cnt = w.sum(dim=-1, keepdim=True).clamp_min(1.0)  # a count: exact in any order
+        mean = tree_sum(x * w) / cnt
+        var = tree_sum(((x - mean) * w) ** 2) / cnt
         return {"mean": mean.half(), "std": var.sqrt().half().clamp_min(_FP16_TINY)}
 
     def _levels(self, meta: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
@@ -166,6 +176,10 @@ class NormalQuantizer(Quantizer):
     def _reconstruct(self, codes: torch.Tensor, meta: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
         _, lv = gaussian_codebook(bits)
         return meta["mean"].float() + meta["std"].float() * lv.to(codes.device)[codes]
+
+    def fused_spec(self, bits: int) -> FusedSpec:
+        bnd, lv = gaussian_codebook(bits)
+        return FusedSpec("normal", self.meta_fields, table=bnd, levels=lv)
 
 
 @dataclass
@@ -242,12 +256,12 @@ class AdaptiveQuantizer(Quantizer):
         has = n_valid > 0
         mn = torch.where(has, srt[..., :1], 0.0)
         mx = torch.where(has, torch.gather(srt, -1, (n_valid - 1).clamp_min(0)), 0.0)
-        grid = (mn + (mx - mn) * torch.linspace(0.0, 1.0, L, device=x.device)).unsqueeze(-2)
+        grid = (mn + (mx - mn) * _unit_grid(L).to(x.device)).unsqueeze(-2)
         # keep the candidate with the lower squared error; the group's sum of squares, common
         # to both, drops out of sum_k (s2_k - 2 l_k s1_k + c_k l_k^2)
         cand = torch.cat([quantile, grid], dim=-2)  # [n, G, 2, L]
         s1, c = bins(runs(cand))
-        excess = (cand * (c * cand - 2 * s1)).sum(-1, keepdim=True)  # [n, G, 2, 1]
+        excess = tree_sum(cand * (c * cand - 2 * s1))  # [n, G, 2, 1]
         pick = excess[..., :1, :] <= excess[..., 1:, :]  # [n, G, 1, 1]: the quantile codebook
         levels = torch.where(pick, quantile, grid)
         # the chosen codebook's runs are the first Lloyd step's partition: not searched again
@@ -285,6 +299,11 @@ class AdaptiveQuantizer(Quantizer):
 
     def _levels(self, meta: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
         return meta["codebook"].float()
+
+    def fused_spec(self, bits: int) -> FusedSpec:
+        return FusedSpec(
+            "adaptive", self.meta_fields, lloyd_iters=self.lloyd_iters, table=_unit_grid(1 << bits)
+        )
 
 
 @dataclass

@@ -27,16 +27,17 @@ class ReportCallback(_HydraCallback):  # type: ignore[misc,valid-type]
     """Hydra callback: when a multirun finishes, write its report and log it to W&B.
 
     Registered in ``conf/config.yaml`` under ``hydra.callbacks.report``. Writes
-    ``<sweep dir>/report/{report.csv,report.md,pareto.png}``; with ``logger=wandb`` it also logs
+    ``<sweep dir>/report/{report.csv,report.md,pareto.png}`` whenever the grid has a record --
+    also when every job failed or was skipped (the failed and skipped rows with their reasons); with ``logger=wandb`` it also logs
     the table and the plot to one W&B run named ``report-<sweep dir>`` (tag ``report``).
     """
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         records = collect([sweep_dir]) if sweep_dir.exists() else []
-        if not any(r.get("status") == "ok" for r in records):
+        if not records:  # nothing launched, nothing dropped: there is nothing to report
             return
-        try:
+        try:  # always, also when every job failed: the failed rows carry their reasons
             files = write_report(records, sweep_dir / "report")
         except Exception as e:  # noqa: BLE001 -- a report must never fail a finished grid
             log.warning("kvq: could not write the grid report: %s", one_line(e))

@@ -11,6 +11,7 @@ import pandas as pd
 
 from .markdown import fmt_num, shown_axes, write_report
 from .records import ReportError, collect
+from .sections import generation_table, retrieval_table, task_table
 from .table import build_table, skipped_and_failed
 from .wandb_io import collect_wandb
 
@@ -52,6 +53,14 @@ def _print_summary(records: list[dict[str, Any]], df: pd.DataFrame, files: dict[
                 fmt_num(r.delta_ppl_pct, "+.2f"),
             )
         console.print(table)
+    beyond = {
+        "retrieval": len(retrieval_table(records)),
+        "task-accuracy": len(task_table(records)),
+        "generation": len(generation_table(records)),
+    }
+    if any(beyond.values()):
+        shown = ", ".join(f"{n} {k} rows" for k, n in beyond.items() if n)
+        console.print(f"  beyond perplexity: {shown} (tables in report.md)")
     for i in issues:
         if i["status"] in ("skipped", "failed"):
             style = "yellow" if i["status"] == "skipped" else "red"

@@ -12,11 +12,13 @@ import pandas as pd
 
 from kvq.errors import one_line
 
+from .heatmap import plot_retrieval
 from .plot import plot_pareto
 from .records import ReportError
+from .sections import beyond_markdown, generation_table, retrieval_table, task_table
 from .table import as_float, baselines, build_table, skipped_and_failed
 
-__all__ = ["fmt_num", "shown_axes", "write_report"]
+__all__ = ["fmt_interval", "fmt_num", "shown_axes", "write_report"]
 
 
 def _md_escape(v: Any) -> str:
@@ -45,8 +47,20 @@ def fmt_num(v: float | None, spec: str = ".2f") -> str:
     return "–" if v is None or not math.isfinite(v) else format(v, spec)
 
 
+def fmt_interval(lo: float, hi: float, contains_zero: bool) -> str:
+    """The paired 95% interval of Δppl %, ``[lo, hi]``, marked ``○`` when it contains 0."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "–"
+    return f"[{lo:+.2f}, {hi:+.2f}]" + (" ○" if contains_zero else "")
+
+
 def _markdown(
-    df: pd.DataFrame, base: pd.DataFrame, issues: list[dict[str, Any]], png: str, sources: list[str]
+    df: pd.DataFrame,
+    base: pd.DataFrame,
+    issues: list[dict[str, Any]],
+    png: str,
+    sources: list[str],
+    beyond: list[str] | None = None,
 ) -> str:
     """The text of ``report.md``: counts and sources, the plot, the baselines, one table per
     setting (Pareto rows starred), then the skipped, failed and dropped runs with their reasons."""
@@ -88,8 +102,11 @@ def _markdown(
     for setting in dict.fromkeys(settings):
         sub = df[[s == setting for s in settings]]
         knobs = bool((sub["knobs"] != "").any())
+        dist = bool(sub["kl"].map(math.isfinite).any())  # the fp reference's metrics are there
         header = ["method", "grouping", "bits", "granularity", *(["knobs"] if knobs else [])]
-        header += ["ppl", "Δppl", "Δppl %", "bits/element", "compression", "Pareto"]
+        header += ["ppl", "Δppl", "Δppl %"]
+        header += ["Δppl % 95% CI", "KL (nats)", "top-1 agree"] if dist else []
+        header += ["bits/element", "compression", "Pareto"]
         rows = []
         for r in sub.itertuples():
             star = "★" if r.pareto else ""
@@ -99,6 +116,19 @@ def _markdown(
                     fmt_num(r.ppl, ".3f"),
                     fmt_num(r.delta_ppl, "+.3f"),
                     fmt_num(r.delta_ppl_pct, "+.2f"),
+                ]
+                + (
+                    [
+                        fmt_interval(
+                            r.delta_ppl_pct_lo, r.delta_ppl_pct_hi, r.ci_contains_zero and r.method != "none"
+                        ),
+                        fmt_num(r.kl, ".2e") if r.kl else fmt_num(r.kl, ".0f"),
+                        fmt_num(r.top1_agree, ".4f"),
+                    ]
+                    if dist
+                    else []
+                )
+                + [
                     fmt_num(r.bits_per_element, ".3f"),
                     fmt_num(r.compression, ".2f") + "×" if math.isfinite(r.compression) else "–",
                     star,
@@ -112,14 +142,21 @@ def _markdown(
             f"Baseline (fp16 KV cache) perplexity: {fmt_num(b, '.4f') if b is not None else 'unknown'}. "
             f"{int(sub['pareto'].sum())} of {len(sub)} runs on the Pareto front (★).",
             "",
-            _md_table(header, rows, ["l"] * (len(header) - 6) + ["r"] * 5 + ["c"]),
+            _md_table(
+                header, rows, ["l"] * (len(header) - (9 if dist else 6)) + ["r"] * (8 if dist else 5) + ["c"]
+            ),
         ]
     lines += [
         "",
         "★ = on the Pareto front of its setting: no other run of the same model, data and protocol has "
         "both a lower-or-equal perplexity and a lower-or-equal bits/element (one of them strictly). "
-        "Δppl = ppl − baseline ppl; compression = fp16 cache bytes / quantized cache bytes.",
+        "Δppl = ppl − baseline ppl; compression = fp16 cache bytes / quantized cache bytes. "
+        "Against the fp reference (same windows and tokens): KL = mean per-token KL(p_fp ‖ p_quant) over "
+        "the full vocabulary; top-1 agree = fraction of scored tokens whose argmax is the fp argmax; "
+        "95% CI = paired bootstrap over windows of Δppl %; ○ = the interval contains 0 (not told apart "
+        "from the fp cache on these windows).",
     ]
+    lines += beyond or []
     titles = {
         "skipped": "Skipped runs (invalid combinations)",
         "failed": "Failed runs",
@@ -145,14 +182,17 @@ def _markdown(
 
 
 def write_report(records: Sequence[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
-    """Write ``report.csv``, ``report.md`` and ``pareto.png`` into ``out_dir`` (created).
+    """Write ``report.csv``, ``report.md`` and ``pareto.png`` into ``out_dir`` (created), and --
+    when there are such runs -- ``retrieval.csv`` with the heatmap ``retrieval.png``,
+    ``tasks.csv`` (lm_eval) and ``generation.csv`` (:mod:`kvq.report.sections`).
 
     Args:
         records: from :func:`collect` (or :func:`collect_wandb`).
         out_dir: the output folder.
 
     Returns:
-        ``{"csv": ..., "md": ..., "png": ...}``.
+        ``{"csv": ..., "md": ..., "png": ...}``, plus ``retrieval_csv``, ``heatmap``, ``tasks_csv``,
+        ``generation_csv`` when written.
 
     Raises:
         ReportError: ``out_dir`` cannot be created.
@@ -168,8 +208,17 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path) -> dict[str, 
     files = {"csv": out_dir / "report.csv", "md": out_dir / "report.md", "png": out_dir / "pareto.png"}
     df.to_csv(files["csv"], index=False)
     plot_pareto(df, base, files["png"])
+    retrieval, tasks, generation = retrieval_table(records), task_table(records), generation_table(records)
+    for key, table in (("retrieval_csv", retrieval), ("tasks_csv", tasks), ("generation_csv", generation)):
+        if len(table):
+            files[key] = out_dir / f"{key.removesuffix('_csv')}.csv"
+            table.to_csv(files[key], index=False)
+    heat = plot_retrieval(retrieval, out_dir / "retrieval.png") if len(retrieval) else None
+    if heat is not None:
+        files["heatmap"] = heat
     sources = sorted({str(r["_root"]) for r in records if r.get("_root")})
     if len(sources) > 3:
         sources = [*sources[:3], f"… ({len(sources) - 3} more)"]
-    files["md"].write_text(_markdown(df, base, issues, files["png"].name, sources or ["?"]))
+    beyond = beyond_markdown(retrieval, tasks, generation, heat.name if heat is not None else None)
+    files["md"].write_text(_markdown(df, base, issues, files["png"].name, sources or ["?"], beyond))
     return files

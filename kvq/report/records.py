@@ -55,8 +55,10 @@ def _read_result(path: Path) -> dict[str, Any] | None:
         log.warning("skipping %s: not a kvq run record (no status ok/skipped/failed)", path)
         return None
     metrics = rec.get("metrics")
-    if rec["status"] == "ok" and not (isinstance(metrics, dict) and "test/ppl" in metrics):
-        log.warning("skipping %s: an ok record without test/ppl (incomplete)", path)
+    if rec["status"] == "ok" and not (
+        isinstance(metrics, dict) and any(str(k).startswith("test/") for k in metrics)
+    ):
+        log.warning("skipping %s: an ok record without test/ metrics (incomplete)", path)
         return None
     rec = dict(rec)
     rec["_path"] = str(path.parent)

@@ -19,7 +19,7 @@ from kvq.experiment import AXES, NON_EXPERIMENT_KEYS, is_baseline_record
 from .pareto import pareto_front
 from .records import natural_key
 
-__all__ = ["COLUMNS", "as_float", "baselines", "build_table", "rank", "skipped_and_failed"]
+__all__ = ["COLUMNS", "as_float", "baselines", "build_table", "dedupe", "rank", "skipped_and_failed"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,11 @@ COLUMNS = (
     "baseline_ppl",
     "delta_ppl",
     "delta_ppl_pct",
+    "delta_ppl_pct_lo",
+    "delta_ppl_pct_hi",
+    "ci_contains_zero",
+    "kl",
+    "top1_agree",
     "bits_per_element",
     "compression",
     "pareto",
@@ -109,7 +114,7 @@ def rank(axis: str, value: str) -> tuple[int, list[Any]]:
     return (order.index(value), []) if value in order else (len(order), natural_key(value))
 
 
-def _dedupe(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def dedupe(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One ok record per experiment ``key`` (the latest finished); records without a key stay."""
     latest: dict[str, dict[str, Any]] = {}
     out: list[dict[str, Any]] = []
@@ -126,7 +131,9 @@ def _dedupe(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _ok(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    return _dedupe([r for r in records if r.get("status") == "ok"])
+    """The finished perplexity runs (retrieval, lm_eval and generate runs have their own sections,
+    :mod:`kvq.report.sections`)."""
+    return dedupe([r for r in records if r.get("status") == "ok" and "test/ppl" in (r.get("metrics") or {})])
 
 
 def as_float(v: Any) -> float:
@@ -135,6 +142,13 @@ def as_float(v: Any) -> float:
         return float(v)
     except (TypeError, ValueError):
         return math.nan
+
+
+def _interval(m: dict[str, Any]) -> dict[str, Any]:
+    """The paired 95% interval of Δppl % and whether it contains 0 (not told apart from fp)."""
+    lo, hi = as_float(m.get("test/delta_ppl_pct_lo")), as_float(m.get("test/delta_ppl_pct_hi"))
+    inside = math.isfinite(lo) and math.isfinite(hi) and lo <= 0.0 <= hi
+    return {"delta_ppl_pct_lo": lo, "delta_ppl_pct_hi": hi, "ci_contains_zero": inside}
 
 
 def baselines(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
@@ -185,7 +199,10 @@ def build_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     ``delta_ppl`` and ``delta_ppl_pct`` (from the record's ``test/baseline_ppl``,
     ``test/delta_ppl``, ``test/delta_ppl_pct`` when present, else against the ``method=none``
     run of the same model/data/eval; NaN without a baseline); ``bits_per_element``;
-    ``compression``; ``pareto`` (on the Pareto front of its setting, see :func:`pareto_front`);
+    ``compression``; ``delta_ppl_pct_lo`` / ``delta_ppl_pct_hi`` (the paired 95% interval of
+    Δppl %) and ``ci_contains_zero`` (the interval contains 0: not told apart from the fp cache);
+    ``kl`` (mean per-token KL from the fp distribution) and ``top1_agree`` (NaN where the record
+    has none); ``pareto`` (on the Pareto front of its setting, see :func:`pareto_front`);
     ``name``; ``path`` (the run directory). The DataFrame's ``attrs["setting"]`` holds each row's
     setting label. Repeated records of one experiment (same ``key``) count once.
     """
@@ -210,6 +227,9 @@ def build_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
                 "baseline_ppl": b,
                 "delta_ppl": delta,
                 "delta_ppl_pct": pct,
+                **_interval(m),
+                "kl": as_float(m.get("test/kl")),
+                "top1_agree": as_float(m.get("test/top1_agree")),
                 "bits_per_element": as_float(m.get("kv/bits_per_element")),
                 "compression": as_float(m.get("kv/compression")),
                 "pareto": False,
@@ -254,6 +274,7 @@ def build_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     settings = df["_setting"].tolist()
     df = df.drop(columns=["_setting", "_flat"])
     df["pareto"] = df["pareto"].astype(bool)
+    df["ci_contains_zero"] = df["ci_contains_zero"].astype(bool)
     df.attrs["setting"] = settings
     return df
 

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from kvq.errors import one_line
 from kvq.experiment import AXES
 
@@ -17,7 +19,8 @@ __all__ = ["collect_wandb", "log_to_wandb"]
 
 def log_to_wandb(records: Sequence[dict[str, Any]], files: dict[str, Path], run: Any) -> None:
     """Log the report to an existing W&B run: ``report/table`` (a ``wandb.Table`` of
-    :func:`build_table`), ``report/pareto`` (a ``wandb.Image`` of ``pareto.png``),
+    :func:`build_table`), ``report/pareto`` (a ``wandb.Image`` of ``pareto.png``), the retrieval
+    heatmap (``report/retrieval``) and the retrieval / task / generation tables when written,
     ``report/not_ok`` (skipped/failed runs with reasons, when any) and summary counts.
 
     Args:
@@ -41,6 +44,14 @@ def log_to_wandb(records: Sequence[dict[str, Any]], files: dict[str, Path], run:
     }
     if files.get("png") and Path(files["png"]).exists():
         payload["report/pareto"] = wandb.Image(str(files["png"]), caption="perplexity vs KV bits per element")
+    if files.get("heatmap") and Path(files["heatmap"]).exists():
+        payload["report/retrieval"] = wandb.Image(
+            str(files["heatmap"]), caption="retrieval accuracy: depth x length"
+        )
+    for key in ("retrieval", "tasks", "generation"):  # the sections beyond perplexity (kvq.report.sections)
+        csv = files.get(f"{key}_csv")
+        if csv and Path(csv).exists():
+            payload[f"report/{key}"] = wandb.Table(dataframe=pd.read_csv(csv))
     if issues:
         payload["report/not_ok"] = wandb.Table(
             columns=["status", "name", "reason"], data=[[i["status"], i["name"], i["reason"]] for i in issues]
@@ -91,14 +102,14 @@ def collect_wandb(
             if status is None:
                 status = (
                     "ok"
-                    if "test/ppl" in summary
+                    if "test/ppl" in summary or "time/eval_s" in summary  # every protocol's aggregate has it
                     else ("failed" if run.state in ("failed", "crashed") else None)
                 )
             if status is None:
                 continue  # still running
             metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and "/" in k}
-            if status == "ok" and "test/ppl" not in metrics:
-                continue
+            if status == "ok" and "test/ppl" not in metrics and "time/eval_s" not in metrics:
+                continue  # not finished (per-batch logs only)
             records.append(
                 {
                     "status": status,

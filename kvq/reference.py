@@ -1,0 +1,423 @@
+"""The full-precision reference of a perplexity protocol: what the fp model predicts on the same
+windows and tokens, for the distribution metrics of every perplexity run.
+
+* ``test/kl`` -- mean per-token KL(p_fp || p_quant) in nats over the full vocabulary;
+* ``test/top1_agree`` -- fraction of scored tokens whose argmax equals the fp argmax;
+* ``test/delta_ppl_pct_lo`` / ``test/delta_ppl_pct_hi`` -- a paired 95% interval on the
+  perplexity change in percent: a percentile bootstrap over windows (2000 resamples, seed 0),
+  each resample taking the *same* windows for the run and for the reference.
+
+What is stored is exact for these metrics and small: per window, the fp model's final hidden
+state at every scored position (the input of the output embedding, ``[n_scored, hidden]``, in the
+model's dtype), from which the fp logits are recomputed with the model's own output embedding
+(plus Gemma's final soft-capping, Cohere's / Granite's logit scales). That is ``hidden_size x
+bytes(dtype)`` per scored token -- 2.3 KB for the embedded SmolLM2 in fp32 (19 MB for 16 windows
+of 512), 8 KB for a 7B Llama in bf16 -- instead of ``vocab x 4`` bytes for stored log-probs
+(196 KB / 128-512 KB). The quantized run's distribution goes through the same function on its
+own hidden states, so ``method=none`` gives ``kl == 0.0`` and ``top1_agree == 1.0`` exactly.
+
+Layout, keyed like results (the key of the baseline experiment, which includes the protocol)::
+
+    <results_dir>/reference/<baseline key>/index.json     # dtype, hidden size, per-window nll
+    <results_dir>/reference/<baseline key>/<digest>.npy   # one window's hidden states
+
+A window is named by a digest of its token ids, so a run only ever compares the same tokens.
+The baseline run writes the reference as a by-product (:func:`attach_reference`); every later
+run of the grid, and a resumed grid, reads it (memory-mapped); ``reuse=false`` rewrites it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "INDEX_FILE",
+    "REFERENCE_DIR",
+    "Reference",
+    "attach_reference",
+    "capture_hidden",
+    "distribution_metrics",
+    "distribution_stats",
+    "head_of",
+    "paired_interval",
+    "reference_ready",
+    "reference_root",
+    "window_digest",
+]
+
+log = logging.getLogger(__name__)
+
+#: the folder of references under the results store
+REFERENCE_DIR = "reference"
+#: a reference's index; written last, so its presence means the reference is complete
+INDEX_FILE = "index.json"
+_VERSION = 1
+#: numpy storage of each torch dtype (bf16 as its raw 16 bits)
+_STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}
+#: the bootstrap: resamples, seed, coverage
+N_BOOT, BOOT_SEED, LEVEL = 2000, 0, 0.95
+
+
+def reference_root(results_dir: Path, key: str) -> Path:
+    """``<results_dir>/reference/<key>``: where the reference of baseline experiment ``key`` lives."""
+    return Path(results_dir) / REFERENCE_DIR / key
+
+
+def window_digest(ids: torch.Tensor) -> str:
+    """A name for a window's tokens (``ids [B, T]``): the sha256 of the ids and their shape."""
+    a = ids.detach().to("cpu", torch.int64).contiguous().numpy()
+    return hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()[:24]
+
+
+def head_of(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``head(hidden [..., H]) -> logits [..., V]``: the model's output embedding and the logit
+    transforms transformers applies after it (Gemma's soft-capping, Cohere's ``logit_scale``,
+    Granite's ``logits_scaling``).
+
+    Raises:
+        ValueError: the model has no output embedding.
+    """
+    emb = model.get_output_embeddings()
+    if emb is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding: no distribution metrics")
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    mul = getattr(cfg, "logit_scale", None)
+    div = getattr(cfg, "logits_scaling", None)
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        x = emb(h)
+        if isinstance(mul, (int, float)) and not isinstance(mul, bool):
+            x = x * mul
+        if isinstance(div, (int, float)) and not isinstance(div, bool):
+            x = x / div
+        if cap:
+            x = torch.tanh(x / cap) * cap
+        return x
+
+    return head
+
+
+@contextmanager
+def capture_hidden(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the input of the output embedding (``[B, t, H]``) of every forward inside the block.
+
+    Yields:
+        The list the hidden states are appended to, one per forward, in call order.
+    """
+    emb = model.get_output_embeddings()
+    seen: list[torch.Tensor] = []
+    if emb is None:
+        yield seen
+        return
+    handle = emb.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def distribution_stats(
+    hidden: torch.Tensor, ref: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], chunk: int = 256
+) -> tuple[float, int]:
+    """Summed KL(p_ref || p) and the number of argmax agreements over scored tokens.
+
+    Args:
+        hidden: the run's final hidden states ``[n, H]``.
+        ref: the fp reference's ``[n, H]`` (same tokens, same dtype).
+        head: hidden -> logits (:func:`head_of`), applied to both in the same chunks.
+        chunk: tokens per chunk (bounds the ``[chunk, V]`` temporaries).
+
+    Returns:
+        ``(sum of per-token KL in nats, count of tokens whose argmax agrees)``.
+    """
+    if hidden.shape != ref.shape:
+        raise ValueError(f"reference shape {tuple(ref.shape)} != run's {tuple(hidden.shape)}")
+    kl, agree = 0.0, 0
+    for s in range(0, hidden.shape[0], chunk):
+        lq = head(hidden[s : s + chunk]).float().log_softmax(-1)
+        lp = head(ref[s : s + chunk]).float().log_softmax(-1)
+        p = lp.exp()
+        terms = torch.where(p > 0, p * (lp - lq), torch.zeros((), device=p.device))
+        kl += float(terms.sum(dtype=torch.float64))
+        agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+    return kl, agree
+
+
+def paired_interval(
+    nll: Sequence[float],
+    ref_nll: Sequence[float],
+    tokens: Sequence[int],
+    n_boot: int = N_BOOT,
+    seed: int = BOOT_SEED,
+    level: float = LEVEL,
+) -> tuple[float, float]:
+    """Paired percentile-bootstrap interval of the perplexity change in percent, over windows.
+
+    Each resample draws windows with replacement and takes the *same* windows for the run and
+    the reference: ``100 * (exp((sum nll - sum ref_nll) / sum tokens) - 1)``.
+
+    Args:
+        nll: summed nll (nats) per window of the run.
+        ref_nll: the same of the reference, window by window.
+        tokens: scored tokens per window.
+        n_boot: resamples.
+        seed: the generator's seed (fixed: the same windows give the same interval).
+        level: coverage.
+
+    Returns:
+        ``(lo, hi)`` in percent.
+    """
+    q, b, t = (np.asarray(x, dtype=np.float64) for x in (nll, ref_nll, tokens))
+    if not (len(q) == len(b) == len(t)) or len(q) == 0:
+        raise ValueError("paired_interval needs one nll, reference nll and token count per window")
+    idx = np.random.default_rng(seed).integers(0, len(q), size=(n_boot, len(q)))
+    pct = 100.0 * np.expm1((q[idx].sum(1) - b[idx].sum(1)) / t[idx].sum(1))
+    a = 100.0 * (1.0 - level) / 2
+    lo, hi = np.percentile(pct, [a, 100.0 - a])
+    return float(lo), float(hi)
+
+
+class Reference:
+    """The fp reference of one (model, data, protocol), recorded or read window by window.
+
+    Args:
+        root: its folder (:func:`reference_root`).
+        record: write this run's windows as the reference (the baseline run); otherwise read
+            the complete reference there.
+    """
+
+    def __init__(self, root: Path, record: bool) -> None:
+        self.root = Path(root)
+        self.recording = record
+        self.missing = 0
+        self.dtype: str | None = None
+        self.windows: dict[str, dict[str, float]] = {}
+        self._checked = False
+        if not record:
+            index = self.read_index(self.root)
+            if index is None:
+                raise ValueError(f"no complete fp reference in {self.root}")
+            self.dtype, self.windows = index["dtype"], index["windows"]
+
+    @staticmethod
+    def read_index(root: Path) -> dict[str, Any] | None:
+        """The index of a complete reference in ``root`` (``None``: absent, partial or corrupt)."""
+        try:
+            index = json.loads((Path(root) / INDEX_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(index, dict) or index.get("version") != _VERSION:
+            return None
+        windows = index.get("windows")
+        if not isinstance(windows, dict) or not all((Path(root) / f"{d}.npy").is_file() for d in windows):
+            return None
+        return index
+
+    @classmethod
+    def ready(cls, root: Path) -> bool:
+        """Whether ``root`` holds a complete reference."""
+        return cls.read_index(root) is not None
+
+    def _path(self, digest: str) -> Path:
+        return self.root / f"{digest}.npy"
+
+    def _save(self, digest: str, hidden: torch.Tensor) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        h = hidden.detach().cpu().contiguous()
+        arr = h.view(torch.int16).numpy() if h.dtype == torch.bfloat16 else h.numpy()
+        fd, tmp = tempfile.mkstemp(prefix=f".{digest}.", suffix=".tmp", dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, arr, allow_pickle=False)
+            os.replace(tmp, self._path(digest))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _load(self, digest: str, like: torch.Tensor) -> torch.Tensor | None:
+        try:
+            arr = np.load(self._path(digest), mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        t = torch.from_numpy(np.array(arr))  # a copy: the memory map is read-only
+        if like.dtype == torch.bfloat16:
+            t = t.view(torch.bfloat16)
+        return t.to(like.device)
+
+    def observe(
+        self,
+        model: torch.nn.Module,
+        ids: torch.Tensor,
+        hidden: torch.Tensor,
+        nll: float,
+        tokens: int,
+        check: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[str, float, int] | None:
+        """One scored window: record it (baseline) and compare it with the reference.
+
+        Args:
+            model: the model (its output embedding recomputes the logits).
+            ids: the window's tokens ``[B, T]``.
+            hidden: final hidden states of the scored positions ``[n, H]``.
+            nll: the window's summed nll; tokens: its scored tokens.
+            check: ``(hidden row [H], the model's logits for it [V])``: on the first window, the
+                logits recomputed from the hidden state must match the model's (else a
+                ``ValueError``: the model transforms its logits in a way kvq does not know).
+
+        Returns:
+            ``(digest, summed KL, argmax agreements)``, or ``None`` when the reference lacks the
+            window (or was computed in another dtype).
+        """
+        head = head_of(model)
+        if check is not None and not self._checked:
+            h_row, logits_row = check
+            mine, theirs = head(h_row).float(), logits_row.float()
+            if not torch.allclose(mine, theirs, rtol=1e-2, atol=1e-2 * float(theirs.abs().max()) + 1e-4):
+                raise ValueError(
+                    f"distribution metrics: {type(model).__name__}'s logits are not its output embedding of the "
+                    "last hidden state (an unknown logit transform); kvq cannot recompute its fp distribution"
+                )
+            self._checked = True
+        digest = window_digest(ids)
+        dtype = str(hidden.dtype).removeprefix("torch.")
+        if self.recording:
+            self._save(digest, hidden)
+            self.windows[digest] = {"nll": float(nll), "tokens": int(tokens)}
+            self.dtype = dtype
+        elif self.dtype != dtype:
+            if not self.missing:
+                log.warning(
+                    "the fp reference in %s holds %s hidden states, this run computes in %s: no distribution "
+                    "metrics (recompute the reference with reuse=false)",
+                    self.root,
+                    self.dtype,
+                    dtype,
+                )
+            self.missing += 1
+            return None
+        ref = self._load(digest, hidden) if digest in self.windows else None
+        if ref is None:
+            self.missing += 1
+            return None
+        kl, agree = distribution_stats(hidden, ref, head)
+        return digest, kl, agree
+
+    def baseline(self, digest: str) -> tuple[float, int] | None:
+        """The reference's ``(summed nll, scored tokens)`` of a window, or ``None``."""
+        w = self.windows.get(digest)
+        return None if w is None else (float(w["nll"]), int(w["tokens"]))
+
+    def finish(self) -> None:
+        """Write the index of a recorded reference (atomically, last: the reference is complete)."""
+        if not self.recording or not self.windows:
+            return
+        hidden = None
+        with suppress(OSError, ValueError):
+            hidden = int(np.load(self._path(next(iter(self.windows))), mmap_mode="r").shape[-1])
+        stored = sum(self._path(d).stat().st_size for d in self.windows if self._path(d).exists())
+        index = {
+            "version": _VERSION,
+            "dtype": self.dtype,
+            "hidden_size": hidden,
+            "tokens": sum(int(w["tokens"]) for w in self.windows.values()),
+            "bytes": stored,
+            "windows": self.windows,
+        }
+        fd, tmp = tempfile.mkstemp(prefix=".index.", suffix=".tmp", dir=self.root)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(index, f, indent=1)
+            os.replace(tmp, self.root / INDEX_FILE)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        log.info("fp reference: %d windows, %d bytes in %s", len(self.windows), stored, self.root)
+
+
+def distribution_metrics(results: Sequence[Any], reference: Reference | None) -> dict[str, float]:
+    """``test/kl``, ``test/top1_agree``, ``test/delta_ppl_pct_lo`` / ``_hi`` from scored windows.
+
+    Args:
+        results: per-window results with ``nll``, ``tokens``, ``kl``, ``agree``, ``digest``
+            (:class:`kvq.protocols.WindowResult`).
+        reference: the reference they were compared with (its per-window nll pairs the interval).
+
+    Returns:
+        The four metrics (plus ``test/ref_windows``), or ``{}`` when a window was not compared.
+    """
+    if reference is None or not results:
+        return {}
+    if any(getattr(w, "kl", None) is None for w in results):
+        n = sum(getattr(w, "kl", None) is None for w in results)
+        log.warning(
+            "the fp reference in %s does not cover %d of the %d windows: no distribution metrics "
+            "(recompute it with reuse=false)",
+            reference.root,
+            n,
+            len(results),
+        )
+        return {}
+    tokens = sum(w.tokens for w in results)
+    out = {
+        "test/kl": sum(w.kl for w in results) / tokens,
+        "test/top1_agree": sum(w.agree for w in results) / tokens,
+        "test/ref_windows": float(len(results)),
+    }
+    base = [reference.baseline(w.digest) for w in results]
+    if all(b is not None for b in base):
+        lo, hi = paired_interval(
+            [w.nll for w in results],
+            [b[0] for b in base if b is not None],
+            [w.tokens for w in results],
+        )
+        out["test/delta_ppl_pct_lo"], out["test/delta_ppl_pct_hi"] = lo, hi
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def reference_ready(point: Any, results_dir: Path, key: str) -> bool:
+    """Whether the baseline of ``point`` has what its protocol needs (a complete reference, or a
+    protocol without one)."""
+    if not getattr(point.eval, "uses_reference", False):
+        return True
+    return Reference.ready(reference_root(results_dir, key))
+
+
+def attach_reference(point: Any, results_dir: Path, key: str, reuse: bool = True) -> Reference | None:
+    """Give ``point.eval`` the fp reference it records or compares with (``point.eval.reference``).
+
+    A full-precision run (``method=none``: the baseline) records the reference when there is no
+    complete one (or ``reuse`` is off) and compares with it either way (KL 0, agreement 1); a
+    quantized run compares with the complete reference its baseline wrote (none: a warning, no
+    distribution metrics). Protocols without distribution metrics get nothing.
+
+    Args:
+        point: the run's :class:`kvq.experiment.Point`.
+        results_dir: the results store's folder.
+        key: the experiment key of the run's baseline (``experiment_key(baseline_config(cfg), meta)``).
+        reuse: ``cfg.reuse`` (``False``: a baseline rewrites its reference).
+    """
+    proto = point.eval
+    if not getattr(proto, "uses_reference", False):
+        return None
+    root = reference_root(results_dir, key)
+    ready = Reference.ready(root)
+    if point.method.quantizes and not ready:
+        log.warning("no fp reference in %s: no distribution metrics for this run", root)
+        proto.reference = None
+        return None
+    record = not point.method.quantizes and (not reuse or not ready)
+    proto.reference = Reference(root, record=record)
+    return proto.reference
