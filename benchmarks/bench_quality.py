@@ -31,15 +31,18 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import eval_windows
+from common import WIKITEXT2_TEST, eval_windows
+from quality_rows import Row, kvq_rows, preset_rows, seed_rows
 
 from kvq.alloc import AttentionAwareBits, FixedBits
 from kvq.attention import register
+from kvq.calib import calibrate, stored_once_bytes
+from kvq.data import LocalText
 from kvq.models import SmolLM2Embedded
 from kvq.peers import HFHQQ, HFQuanto
 from kvq.protocols import FakeQuant, KVSetup, Passkey, Prefill, rope_of
@@ -48,18 +51,8 @@ from kvq.reference import Reference, distribution_metrics
 from kvq.report import write_report
 
 
-@dataclass
-class Row:
-    """One configuration of the benchmark (``choices`` as a run record names them)."""
-
-    label: str
-    method: Any
-    bits: Any
-    choices: dict[str, str]
-    kv: dict[str, Any] = field(default_factory=dict)
-
-
-def rows(protocol: str) -> list[Row]:
+def base_rows(protocol: str) -> list[Row]:
+    """The peers and kvq's earlier rows (KIVI-style, QAQ-like), as before the new axes."""
     u = UniformQuantizer
     out = [
         Row(
@@ -257,6 +250,26 @@ def rows(protocol: str) -> list[Row]:
     return out
 
 
+#: the row groups ``--rows`` chooses from
+ROW_GROUPS = {"base": base_rows, "kvq": kvq_rows, "seed": seed_rows, "preset": preset_rows}
+
+
+def rows(protocol: str, groups: str = "base,kvq,seed,preset") -> list[Row]:
+    """The fp16 row first (it records the reference), then the chosen groups in order."""
+    out = base_rows(protocol)
+    chosen = [g for g in groups.split(",") if g]
+    unknown = sorted(set(chosen) - set(ROW_GROUPS))
+    if unknown:
+        raise SystemExit(
+            f"benchmark: unknown --rows {','.join(unknown)} (choose from {','.join(ROW_GROUPS)})"
+        )
+    picked = out[:1] + (out[1:] if "base" in chosen else [])
+    for g in chosen:
+        if g != "base":
+            picked += ROW_GROUPS[g](protocol)
+    return picked
+
+
 def passkey_accuracy(lm: Any, kv: KVSetup, length: int, trials: int) -> float:
     """Passkey accuracy of one configuration at ``length`` tokens (5 depths x ``trials``)."""
     proto = Passkey(lengths=[length], depths=[0.0, 0.25, 0.5, 0.75, 1.0], trials=trials, seed=0)
@@ -299,10 +312,47 @@ def quality_md(records: list[dict[str, Any]], passkey_length: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def setup_of(row: Row, lm: Any, rope: Any) -> KVSetup:
+    """The row's :class:`KVSetup`, as ``kvq.run`` builds it (rotation included)."""
+    gran = row.choices["granularity"]
+    return KVSetup(
+        row.method,
+        row.bits,
+        lm.meta.n_layers,
+        model_config=lm.model.config,
+        rope=rope,
+        granularity=gran if gran in ("head", "layer", "token") else "head",
+        knobs=row.kv,
+        rotation=row.rotation,
+    )
+
+
+def score_all(lm: Any, proto: Any, kv: KVSetup, windows: torch.Tensor) -> list[Any]:
+    with torch.inference_mode():
+        return [proto.score(lm.model, w.unsqueeze(0), kv) for w in windows]
+
+
+def fit(row: Row, kv: KVSetup, lm: Any, proto: Any, data_src: Any) -> None:
+    """Calibrate the row's fitted components (nuq's codebooks, a budget's widths) on its calib windows."""
+    if row.calib is not None:
+        calibrate(kv, row.calib, lm.model, lm.tokenizer, data_src, protocol=proto)
+
+
+def measured_bits(lm: Any, rope: Any, proto: Any, data_src: Any, windows: torch.Tensor, row: Row) -> float:
+    """Bits per element of ``row`` on the first two windows (codebooks amortised over all windows)."""
+    kv = setup_of(row, lm, rope)
+    fit(row, kv, lm, proto, data_src)
+    proto.reference = None
+    res = score_all(lm, proto, kv, windows[:2])
+    once = stored_once_bytes(kv) * len(res) / len(windows)
+    return 8 * (sum(x.kv_bytes for x in res) + once) / sum(x.kv_elements for x in res)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--protocols", default="prefill,fakequant")
+    ap.add_argument("--rows", default="base,kvq,seed,preset", help=f"row groups: {', '.join(ROW_GROUPS)}")
     ap.add_argument("--out", default="benchmarks/results/quality")
     ap.add_argument("--passkey-length", type=int, default=2048, help="0 = no passkey column")
     ap.add_argument("--passkey-trials", type=int, default=1, help="prompts per depth (5 depths)")
@@ -311,6 +361,9 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     lm = SmolLM2Embedded(dtype="float32").load(attn_implementation=register())
     windows = eval_windows(lm.tokenizer, args.windows, require_wikitext=True)
+    # the evaluation text as a data source: calibration (calib=pydoc by default) keeps away from it
+    data_src = LocalText(path=str(WIKITEXT2_TEST))
+    data_src.seq_len, data_src.max_windows = windows.shape[1], args.windows
     rope = rope_of(lm.model)
     records = []
     passkey: dict[
@@ -320,26 +373,18 @@ def main() -> None:
         proto = Prefill() if proto_name == "prefill" else FakeQuant()
         base = None
         ref_dir = out_dir / "reference" / f"{proto_name}-w{args.windows}"
-        for i, row in enumerate(rows(proto_name)):
-            gran = row.choices["granularity"]
-            kv = KVSetup(
-                row.method,
-                row.bits,
-                lm.meta.n_layers,
-                model_config=lm.model.config,
-                rope=rope,
-                granularity=gran if gran in ("head", "layer", "token") else "head",
-                knobs=row.kv,
-            )
+        for i, row in enumerate(rows(proto_name, args.rows)):
+            t0 = time.perf_counter()
+            if row.prepare is not None:  # e.g. match an attention-aware target error to the bits
+                row = row.prepare(row, partial(measured_bits, lm, rope, proto, data_src, windows))
+            kv = setup_of(row, lm, rope)
+            fit(row, kv, lm, proto, data_src)
             # the first row (fp16 KV) records the fp reference, every other row compares with it
             proto.reference = Reference(ref_dir, record=i == 0)
-            t0 = time.perf_counter()
-            results = []
-            with torch.inference_mode():
-                for w in windows:
-                    results.append(proto.score(lm.model, w.unsqueeze(0), kv))
+            results = score_all(lm, proto, kv, windows)
             nll, tok = sum(r.nll for r in results), sum(r.tokens for r in results)
             nbytes, elems = sum(r.kv_bytes for r in results), sum(r.kv_elements for r in results)
+            once = stored_once_bytes(kv)  # nuq's codebooks, stored once per model, amortised
             proto.reference.finish()
             ppl = math.exp(nll / tok)
             base = ppl if base is None else base
@@ -349,8 +394,11 @@ def main() -> None:
                 "test/delta_ppl": ppl - base,
                 "test/delta_ppl_pct": 100 * (ppl - base) / base,
                 **distribution_metrics(results, proto.reference),
-                "kv/bits_per_element": 8 * nbytes / elems,
-                "kv/compression": 2 * elems / nbytes,
+                "kv/bits_per_element": 8 * (nbytes + once) / elems,
+                "kv/cache_bits_per_element": 8 * nbytes / elems,
+                "kv/codebook_bytes": float(once),
+                "kv/compression": 2 * elems / (nbytes + once),
+                **(getattr(kv.allocator, "report", None) or {}),
                 "time/eval_s": time.perf_counter() - t0,
             }
             if args.passkey_length:
@@ -370,6 +418,8 @@ def main() -> None:
                         "_target_": f"{type(row.method).__module__}.{type(row.method).__name__}",
                         "repr": repr(row.method),
                     },
+                    "rotation": repr(row.rotation),
+                    "calib": repr(row.calib),
                 },
                 "metrics": m,
             }

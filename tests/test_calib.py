@@ -42,7 +42,9 @@ def tiny():
     return TinyRandomLlama(n_layers=2, vocab_size=512).load()
 
 
-def test_calibration_on_the_evaluation_text_uses_only_tokens_after_the_evaluated_windows(tiny, tmp_path) -> None:
+def test_calibration_on_the_evaluation_text_uses_only_tokens_after_the_evaluated_windows(
+    tiny, tmp_path
+) -> None:
     src = LocalText(path=str(numbered_text(tmp_path / "t.txt", 400)))
     src.seq_len, src.max_windows = SEQ, 6
     evaluated = src.datamodule(tiny.tokenizer).windows
@@ -107,14 +109,18 @@ def test_codebooks_are_deterministic_per_seed(tiny) -> None:
 def test_codebooks_are_fitted_on_the_calibration_windows_only(tiny, tmp_path) -> None:
     """Another evaluation text (same calibration) gives the same codebooks; another calibration
     text gives others."""
-    cal = Calibration(text="local", path=str(numbered_text(tmp_path / "cal.txt", 300)), windows=3, seq_len=SEQ)
+    cal = Calibration(
+        text="local", path=str(numbered_text(tmp_path / "cal.txt", 300)), windows=3, seq_len=SEQ
+    )
     books = []
     for name in ("a", "b"):
         ev = LocalText(path=str(numbered_text(tmp_path / f"{name}.txt", 300, tag=name)))
         ev.seq_len, ev.max_windows = SEQ, 2
         books.append(_books(tiny, ev, cal))
     assert _same(*books)
-    other = Calibration(text="local", path=str(numbered_text(tmp_path / "x.txt", 300, tag="q")), windows=3, seq_len=SEQ)
+    other = Calibration(
+        text="local", path=str(numbered_text(tmp_path / "x.txt", 300, tag="q")), windows=3, seq_len=SEQ
+    )
     assert not _same(books[0], _books(tiny, ev, other))
 
 
@@ -158,6 +164,8 @@ def test_codebook_bytes_and_the_amortised_bits(compose, tmp_path, extra, key_row
     assert m["kv/codebook_bytes"] == 2 * 2 * 8 * (key_rows + value_rows)
     n = m["test/windows"]
     elements = m["kv/bytes_fp16"] * n / 2
-    assert m["kv/bits_per_element"] == pytest.approx(8 * (m["kv/bytes"] * n + m["kv/codebook_bytes"]) / elements)
+    assert m["kv/bits_per_element"] == pytest.approx(
+        8 * (m["kv/bytes"] * n + m["kv/codebook_bytes"]) / elements
+    )
     assert m["kv/cache_bits_per_element"] == pytest.approx(8 * m["kv/bytes"] / (m["kv/bytes_fp16"] / 2))
     assert m["kv/bits_per_element"] > m["kv/cache_bits_per_element"] and math.isfinite(m["test/ppl"])

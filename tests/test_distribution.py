@@ -215,3 +215,22 @@ def test_report_shows_distribution_columns_and_marks_intervals_containing_zero(t
     assert "Δppl % 95% CI" in md and "KL (nats)" in md and "top-1 agree" in md
     assert "[-0.10, +0.30] ○" in md and "[+25.00, +35.00] |" in md
     assert "| none | – | fp16 | – | 10.000 | +0.000 | +0.00 | [+0.00, +0.00] |" in md  # no mark on fp itself
+
+
+def test_non_finite_logits_are_not_mistaken_for_an_unknown_logit_transform(
+    tiny_model, tmp_path: Path
+) -> None:
+    """A window whose logits are NaN (a broken quantizer) gives no distribution metrics for that
+    window -- the run's own non-finite check reports it -- instead of a misleading ValueError."""
+    model = tiny_model.model
+    ref = Reference(tmp_path, record=True)
+    ids = _windows(n=1)[0]
+    hidden = torch.full((ids.shape[1], model.config.hidden_size), float("nan"))
+    logits = torch.full((model.config.vocab_size,), float("nan"))
+    assert ref.observe(model, ids, hidden, float("nan"), ids.shape[1], check=(hidden[0], logits)) is None
+    # a finite window afterwards is still checked against the model's head
+    with pytest.raises(ValueError, match="unknown logit transform"):
+        bad = torch.randn(model.config.hidden_size)
+        ref.observe(
+            model, ids, hidden.nan_to_num(0.0), 1.0, 1, check=(bad, torch.zeros(model.config.vocab_size) + 99)
+        )
