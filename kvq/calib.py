@@ -220,6 +220,8 @@ class CalibStats:
         rope: the model's rotary embedding (``rope(x, start) -> (cos, sin)``) or ``None``.
         tag: names the model and windows (cache keys of fitted states).
         seed: the calibration seed (fitting draws from it).
+        eval_tokens: tokens the run evaluates (``data.seq_len x data.max_windows``; ``None`` =
+            unknown): what a budget amortises once-per-model storage (codebooks) over.
     """
 
     keys: list[torch.Tensor]
@@ -229,6 +231,7 @@ class CalibStats:
     rope: Any = None
     tag: str = ""
     seed: int = 0
+    eval_tokens: int | None = None
 
     @property
     def n_layers(self) -> int:
@@ -508,9 +511,18 @@ def calibrate(
         stats = collect(model, batches, rope=rope, tag=tag, seed=calib.seed, mask=mask)
         _STATS.clear()
         _STATS[tag] = stats
+    seq, windows = getattr(data_source, "seq_len", None), getattr(data_source, "max_windows", None)
+    # the tag names the data's seq_len and max_windows: the same statistics, the same evaluated tokens
+    stats.eval_tokens = int(seq) * int(windows) if isinstance(seq, int) and isinstance(windows, int) else None
     folder = Path(store) if store is not None else None
     for p in parts:
         _fit(p, stats, setup, {"role": "method" if p is setup.method else "bits"}, folder)
+    # what the fitting encoded (an allocator measuring the method at every width) is not what the
+    # run stores: once-per-model storage counts only what the evaluation then uses
+    for p in (setup.method, setup.allocator):
+        reset = getattr(p, "reset_usage", None)
+        if callable(reset):
+            reset()
     return True
 
 

@@ -9,7 +9,10 @@ the cache quantizes in (rotation, pre-RoPE keys, per-channel key groups included
   diagonal Fisher information ``F_i = (d loss / d x_i)**2`` -- the second-order estimate of the
   loss increase (``loss(x + e) - loss(x) ~ 1/2 e^T F e``), comparable across layers and K/V;
 * **cost** of a width: stored bits per element of that unit at that width, from the method's
-  own memory formula (payload + per-group metadata; ``count_metadata=false``: the code width);
+  own memory formula (payload + per-group metadata; ``count_metadata=false``: the code width),
+  plus what the width stores once per model (nuq's codebook of that layer, kind and width)
+  amortised over the elements the run evaluates (``data.seq_len x data.max_windows`` tokens), so
+  the amortised ``kv/bits_per_element`` meets the average;
 * **allocation**: minimise ``sum S`` subject to ``mean cost <= avg`` (keys and values of a layer
   hold the same number of elements): a multiple-choice knapsack, solved by Lagrangian relaxation
   (bisection on the price of a bit, each item picking ``argmin S + lambda * cost``) and then a
@@ -169,10 +172,16 @@ class BudgetBits:
                 units, fisher = stats.units(layer, kind, setup, q)
                 N, D = units.shape
                 e, c = {}, {}
+                # once-per-model storage of a width (nuq's codebooks), amortised over the run's elements
+                per_token = stats.keys[layer][0, :, 0, :].numel()
+                run_elements = (stats.eval_tokens or 0) * per_token
+                once = getattr(q, "codebook_bytes_for", None)
                 for b in self.widths(kind):
                     deq = q.fake_quant(units, b)
                     e[b] = float((fisher.double() * (deq.double() - units.double()) ** 2).sum())
                     c[b] = q.nbytes_formula(N, D, b) * 8 / (N * D) if self.count_metadata else float(b)
+                    if self.count_metadata and run_elements and callable(once):
+                        c[b] += 8 * once(b) / run_elements
                 errors.append(e)
                 costs.append(c)
                 weights.append(float(stats.keys[layer].numel()))

@@ -287,6 +287,19 @@ class NUQQuantizer(Quantizer):
         """Whether codebooks were fitted (else the default codebooks are used)."""
         return bool(self.state.books or self.state.samples)
 
+    def reset_usage(self) -> None:
+        """Forget which codebooks encodes used so far (:func:`kvq.calib.calibrate` calls it after
+        fitting, so ``kv/codebook_bytes`` counts what the evaluation uses)."""
+        self.state.used.clear()
+
+    def codebook_bytes_for(self, bits: int) -> int:
+        """Bytes of this view's codebook at ``bits`` (fp16 levels; 0 without one): what a width
+        costs once per model (:class:`kvq.alloc.BudgetBits` amortises it over a run)."""
+        if self.layer is None or self.kind is None:
+            return 0
+        book = self._book_for(self.layer, self.kind, bits)
+        return 0 if book is None else book.numel() * 2
+
     def codebook_bytes(self) -> int:
         """Bytes of every codebook an encode used (fp16 levels), stored once per model."""
         return sum(self.state.books[k].numel() * 2 for k in self.state.used if k in self.state.books)
