@@ -19,7 +19,7 @@ from kvq.errors import flat
 from kvq.experiment import BASELINE_NODES, Point, node_of
 from kvq.quant import Quantizer
 
-__all__ = ["RULES", "Rewrite", "Rule", "Violation"]
+__all__ = ["RULES", "Rewrite", "Rule", "Violation", "eval_name", "kvq_cache", "method_name"]
 
 #: the config defaults of the axes a method may ignore, as objects and as config nodes
 _DEFAULT_NODES: dict[str, dict[str, Any]] = {
@@ -157,16 +157,16 @@ def _reset_ignored(p: Point, c: dict[str, Any]) -> None:
             c[knob] = node_of(_DEFAULTS[knob])
 
 
-def _kvq_cache(p: Point) -> bool:
+def kvq_cache(p: Point) -> bool:
     """The method runs in kvq's own cache (its unit layout applies; peers build their own)."""
     return bool(p.method.one_pass_quantized)
 
 
-def _eval_name(p: Point) -> str:
+def eval_name(p: Point) -> str:
     return type(p.eval).__name__.lower()
 
 
-def _method_name(p: Point) -> str:
+def method_name(p: Point) -> str:
     """The method's option name (its class's ``name``; the class name when it sets none)."""
     return getattr(p.method, "name", "") or type(p.method).__name__
 
@@ -189,7 +189,7 @@ def _attn_adaptive(p: Point) -> bool:
 
 
 def _token_unit(p: Point) -> bool:
-    return _kvq_cache(p) and p.granularity.spans_layers and not p.eval.quantizes_whole_cache
+    return kvq_cache(p) and p.granularity.spans_layers and not p.eval.quantizes_whole_cache
 
 
 def _group_covers_unit(p: Point) -> bool:
@@ -235,7 +235,7 @@ def _nothing_quantized_reason(p: Point) -> str:
     if p.kv.key_axis == "channel":
         why += f" and whole key groups of kv.key_group={p.kv.key_group}"
     return (
-        f"{why} leave none of the {n} tokens the cache holds per window with eval={_eval_name(p)} "
+        f"{why} leave none of the {n} tokens the cache holds per window with eval={eval_name(p)} "
         "quantized: the run would measure the full-precision baseline"
     )
 
@@ -250,7 +250,7 @@ def _beyond_context(p: Point) -> bool:
 
 
 def _key_channel_token(p: Point) -> bool:
-    return _kvq_cache(p) and p.granularity.spans_layers and p.kv.key_axis == "channel"
+    return kvq_cache(p) and p.granularity.spans_layers and p.kv.key_axis == "channel"
 
 
 def _key_group_unused(p: Point) -> bool:
@@ -309,7 +309,7 @@ RULES: list[Rule] = [
         _attn_adaptive,
         lambda p: (
             "bits=attn picks each unit's bit count from QAQ's error bound for a uniform grid "
-            f"(error ~ range / 2^bits), but method={_method_name(p)} "
+            f"(error ~ range / 2^bits), but method={method_name(p)} "
             "spends 2^bits levels on the unit's own quantiles, whose error does not follow that bound: "
             "the bits QAQ allocates would not mean what it computed"
         ),
@@ -321,7 +321,7 @@ RULES: list[Rule] = [
         "invalid",
         _token_unit,
         lambda p: (
-            f"granularity=token makes one unit of a token across all layers, but eval={_eval_name(p)} "
+            f"granularity=token makes one unit of a token across all layers, but eval={eval_name(p)} "
             "quantizes layer by layer during the forward, before the other layers exist"
         ),
         "use eval=prefill with granularity=token, or granularity=head/layer",
@@ -347,8 +347,8 @@ RULES: list[Rule] = [
         "invalid",
         lambda p: p.method.quantizes and not p.method.one_pass_quantized and not p.eval.quantizes_whole_cache,
         lambda p: (
-            f"method={_method_name(p)} hands back the unquantized K/V of the call that stores them: with "
-            f"eval={_eval_name(p)} every query would see full-precision keys and values"
+            f"method={method_name(p)} hands back the unquantized K/V of the call that stores them: with "
+            f"eval={eval_name(p)} every query would see full-precision keys and values"
         ),
         "use eval=prefill with this method (it quantizes a prefilled cache, then scores against it)",
     ),
@@ -357,7 +357,7 @@ RULES: list[Rule] = [
         "invalid",
         _one_width_bits,
         lambda p: (
-            f"method={_method_name(p)} quantizes keys and values with one fixed width (method.nbits): "
+            f"method={method_name(p)} quantizes keys and values with one fixed width (method.nbits): "
             + (
                 "the per-unit widths of bits=attn cannot be applied"
                 if isinstance(p.bits, AttentionAwareBits)
@@ -402,7 +402,7 @@ RULES: list[Rule] = [
         "duplicate",
         lambda p: p.method.quantizes and bool(_ignored_changed(p)),
         lambda p: (
-            f"method={_method_name(p)} builds its own cache, which ignores {', '.join(_ignored_changed(p))}: "
+            f"method={method_name(p)} builds its own cache, which ignores {', '.join(_ignored_changed(p))}: "
             "the same experiment as with their defaults"
         ),
         lambda p: f"leave {', '.join(p.method.ignores)} at their defaults with this method",

@@ -11,7 +11,7 @@ from typing import Any
 
 from kvq.experiment import Point, node_of
 from kvq.quant import Quantizer
-from kvq.rules import Rule, _eval_name, _kvq_cache, _method_name
+from kvq.rules import Rule, eval_name, kvq_cache, method_name
 
 __all__ = ["RULES"]
 
@@ -48,7 +48,7 @@ RULES.extend(
             "invalid",
             _protocol_beyond_context,
             lambda p: (
-                f"eval={_eval_name(p)} feeds up to {_protocol_context(p)} positions per sequence "
+                f"eval={eval_name(p)} feeds up to {_protocol_context(p)} positions per sequence "
                 f"({p.eval.context_knob}), more than the {p.meta.max_position} positions {p.meta.name} was "
                 "built for: the result would measure the model out of its context, not the cache"
             ),
@@ -59,7 +59,7 @@ RULES.extend(
             "protocol-needs-package",
             "invalid",
             lambda p: bool(_missing_packages(p)),
-            lambda p: f"eval={_eval_name(p)} needs the Python package(s) {', '.join(_missing_packages(p))}",
+            lambda p: f"eval={eval_name(p)} needs the Python package(s) {', '.join(_missing_packages(p))}",
             "pip install -c constraints.txt -e . (lm-eval is a kvq dependency)",
         ),
     ]
@@ -68,7 +68,7 @@ RULES.extend(
 
 def _token_unit_on_sliding(p: Point) -> bool:
     return (
-        _kvq_cache(p)
+        kvq_cache(p)
         and p.granularity.spans_layers
         and any(t != "full_attention" for t in getattr(p.meta, "layer_types", ()) or ())
     )
@@ -139,7 +139,7 @@ RULES.extend(
             "invalid",
             _calib_overlap,
             lambda p: (
-                f"method={_method_name(p)} / bits={type(p.bits).__name__} are fitted on calibration windows, "
+                f"method={method_name(p)} / bits={type(p.bits).__name__} are fitted on calibration windows, "
                 f"but {p.calib.overlap(p.data)}"
             ),
             "set data.max_windows=N (calibration then uses the tokens after them), or calib=pydoc / calib=local "
@@ -148,9 +148,9 @@ RULES.extend(
         Rule(
             "layer-codebooks-token",
             "invalid",
-            lambda p: _kvq_cache(p) and getattr(p.method, "per_layer", False) and p.granularity.spans_layers,
+            lambda p: kvq_cache(p) and getattr(p.method, "per_layer", False) and p.granularity.spans_layers,
             lambda p: (
-                f"method={_method_name(p)} fits one codebook per layer, but granularity=token makes one unit of "
+                f"method={method_name(p)} fits one codebook per layer, but granularity=token makes one unit of "
                 "a token across all layers"
             ),
             "use granularity=head or granularity=layer with this method",
@@ -160,7 +160,7 @@ RULES.extend(
             "invalid",
             _budget_peer,
             lambda p: (
-                f"bits=budget gives each layer's keys and values their own width, but method={_method_name(p)} "
+                f"bits=budget gives each layer's keys and values their own width, but method={method_name(p)} "
                 "quantizes everything with one fixed width (method.nbits)"
             ),
             "use bits=budget with kvq's quantizers (uniform, normal, adaptive, nuq), or fixed bits with this method",
@@ -170,7 +170,7 @@ RULES.extend(
             "duplicate",
             _calib_unused,
             lambda p: (
-                f"nothing in method={_method_name(p)} bits={type(p.bits).__name__} is calibrated, so the calib "
+                f"nothing in method={method_name(p)} bits={type(p.bits).__name__} is calibrated, so the calib "
                 "settings do not change it: the same experiment as the default calib"
             ),
             "leave calib at its default unless method=nuq or bits=budget",
