@@ -31,6 +31,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from kvq.alloc.stats_store import attach_attention_stats
 from kvq.errors import KVQError, MalformedConfig, one_line
 from kvq.experiment import (
     AXES,
@@ -274,7 +275,9 @@ def _run(cfg: DictConfig, out_dir: Path | None) -> float:
         tracked = tracker.start(out_dir, name, resolved, tags)
         # the baseline first: it writes the fp reference the distribution metrics compare with
         base = _baseline_ppl(cfg, model_src, meta, point, device, store, ident, reuse=reuse)
-        attach_reference(point, store.root, experiment_key(baseline_config(cfg), meta, identity=ident), reuse)
+        bkey = experiment_key(baseline_config(cfg), meta, identity=ident)
+        attach_reference(point, store.root, bkey, reuse)
+        attach_attention_stats(point, store.root, bkey, reuse)  # bits=attn: one fp pass per window per grid
         metrics = _evaluate(cfg, model_src, meta, point, device, tracked.lightning_logger())
         check_finite(metrics, f"the evaluation of {name}")
         if nothing_quantized(point, metrics):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -197,6 +198,8 @@ class AttentionAwareBits:
     q_quantile: float = 0.99
     bridge: bool = False
     fixed_key_bits: int | None = None
+    #: the per-window statistics shared across a grid (:mod:`kvq.alloc.stats_store`; not a config field)
+    stats_store: Any = field(default=None, init=False, repr=False, compare=False)
 
     needs_attention = True
 

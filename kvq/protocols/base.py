@@ -12,6 +12,7 @@ grids) serve them with :class:`Batches`.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -25,7 +26,7 @@ from kvq.memory import kv_figures, measured
 from kvq.protocols.setup import KVSetup
 from kvq.reference import distribution_metrics
 
-__all__ = ["Batches", "Protocol", "WindowResult", "layer_bits", "nll_sum", "window_result"]
+__all__ = ["Batches", "Protocol", "Timer", "WindowResult", "layer_bits", "nll_sum", "window_result"]
 
 
 @dataclass
@@ -41,6 +42,9 @@ class WindowResult:
         kl: summed KL(p_fp || p) over the scored tokens (``None``: not compared with a reference).
         agree: scored tokens whose argmax equals the fp argmax (``None``: not compared).
         digest: the window's name in the fp reference (:func:`kvq.reference.window_digest`).
+        forward_s: seconds of the quantized forward(s) alone: the model through the quantized cache
+            (quantization included), not the full-precision pass of ``bits=attn`` nor the
+            comparison with the reference (``time/forward_s``: what a grid cannot share).
     """
 
     nll: float
@@ -51,6 +55,27 @@ class WindowResult:
     kl: float | None = None
     agree: int | None = None
     digest: str | None = None
+    forward_s: float = 0.0
+
+
+class Timer:
+    """Seconds spent inside ``with timer:`` blocks, summed (the device synchronised at the edges)."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.seconds = 0.0
+        self._cuda = device is not None and device.type == "cuda"
+        self._t0 = 0.0
+
+    def __enter__(self) -> Timer:
+        if self._cuda:
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - self._t0
 
 
 def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -118,6 +143,7 @@ class Protocol:
             "test/windows": float(len(results)),
             **kv_figures(float(kv_bytes), float(elements), len(results)),
             "time/eval_s": elapsed,
+            "time/forward_s": sum(getattr(w, "forward_s", 0.0) for w in results),
             "time/tokens_per_s": tokens / elapsed if elapsed > 0 else math.nan,
         }
         out.update(layer_bits(results))

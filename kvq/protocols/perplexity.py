@@ -25,7 +25,7 @@ import torch
 
 from kvq.attention import clear_mixed
 from kvq.memory import measured
-from kvq.protocols.base import Protocol, WindowResult, nll_sum, window_result
+from kvq.protocols.base import Protocol, Timer, WindowResult, nll_sum, window_result
 from kvq.protocols.setup import KVSetup
 from kvq.reference import capture_hidden
 
@@ -74,11 +74,14 @@ class FakeQuant(WindowProtocol):
     def score(self, model: torch.nn.Module, ids: torch.Tensor, kv: KVSetup) -> WindowResult:
         kv.check_model(model)
         plan = kv.plan_from_pass(model, ids)[0] if kv.needs_attention else None
-        cache = kv.cache(plan)
-        clear_mixed()
-        with self._capture(model) as seen:
-            logits = model(ids, cache=cache, use_cache=True).logits
+        timer = Timer(ids.device)
+        with timer:
+            cache = kv.cache(plan)
+            clear_mixed()
+            with self._capture(model) as seen:
+                logits = model(ids, cache=cache, use_cache=True).logits
         r = window_result(nll_sum(logits[:, :-1], ids[:, 1:]), ids[:, 1:].numel(), cache)
+        r.forward_s = timer.seconds
         return self._compare(model, ids, r, seen[-1][:, :-1], logits[:, :-1]) if seen else r
 
 
@@ -120,13 +123,15 @@ class Prefill(WindowProtocol):
 
     def score(self, model: torch.nn.Module, ids: torch.Tensor, kv: KVSetup) -> WindowResult:
         P = self.split(ids.shape[1])
-        cache = kv.prefilled(model, ids[:, :P])
+        timer = Timer(ids.device)
+        with timer:  # the prefill (its pass is the statistics pass of bits=attn) and the continuation
+            cache = kv.prefilled(model, ids[:, :P])
         m = measured(cache)
         bits = cache.mean_bits_per_layer()
-        with self._capture(model) as seen:
+        with timer, self._capture(model) as seen:
             logits = model(ids[:, P:], cache=cache, use_cache=True).logits
         nll = nll_sum(logits[:, :-1], ids[:, P + 1 :])
-        r = WindowResult(nll, ids[:, P + 1 :].numel(), m.bytes, m.elements, bits)
+        r = WindowResult(nll, ids[:, P + 1 :].numel(), m.bytes, m.elements, bits, forward_s=timer.seconds)
         return self._compare(model, ids, r, seen[-1][:, :-1], logits[:, :-1]) if seen else r
 
 
@@ -141,9 +146,12 @@ class Decode(WindowProtocol):
         plan = kv.plan_from_pass(model, ids)[0] if kv.needs_attention else None
         cache = kv.cache(plan)
         nll = 0.0
+        timer = Timer(ids.device)
         with self._capture(model) as seen:
             for t in range(ids.shape[1] - 1):
-                logits = model(ids[:, t : t + 1], cache=cache, use_cache=True).logits
+                with timer:
+                    logits = model(ids[:, t : t + 1], cache=cache, use_cache=True).logits
                 nll += nll_sum(logits[:, -1:], ids[:, t + 1 : t + 2])
         r = window_result(nll, ids[:, 1:].numel(), cache)
+        r.forward_s = timer.seconds
         return self._compare(model, ids, r, torch.cat(seen, dim=1), logits[:, -1:]) if seen else r

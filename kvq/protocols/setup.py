@@ -135,8 +135,18 @@ class KVSetup:
         return cache
 
     def plan_from_pass(self, model: torch.nn.Module, ids: torch.Tensor, **kw: Any) -> tuple[BitPlan, Any]:
-        """Run ``model(ids, **kw)`` while collecting attention statistics; returns ``(plan, output)``."""
+        """Run ``model(ids, **kw)`` while collecting attention statistics; returns ``(plan, output)``.
+
+        With the allocator's shared store (:mod:`kvq.alloc.stats_store`), a pass whose only product
+        is the statistics (no ``kw``: no cache to fill) is read from the store when another
+        configuration already ran it on the same tokens; the output is then ``None``.
+        """
         col = self.allocator.collector()
+        store = getattr(self.allocator, "stats_store", None)
+        if not kw and store is not None and store.load(ids, col):
+            return self.allocator.plan(col.layers, self.granularity, ids.shape[1]), None
         with col.collect():
             out = model(ids, **kw)
+        if store is not None:
+            store.save(ids, col)
         return self.allocator.plan(col.layers, self.granularity, ids.shape[1]), out
