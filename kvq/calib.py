@@ -278,14 +278,17 @@ def visibility(setup: Any, protocol: Any, T: int) -> torch.Tensor:
 
     Streaming protocols (``fakequant``, ``decode``): the cache's own streaming order (sinks and the
     residual window in full precision, keys in whole groups with per-channel keys:
-    :meth:`kvq.cache.QuantizedLayer.query_mix_mask`). Whole-cache protocols (``prefill``): the
+    :meth:`kvq.cache.QuantizedLayer.query_mix_mask`); also the whole-cache protocols without a
+    prefix/continuation split (passkey, needle: their prompts are not text windows). Prefix
+    protocols (``prefill``): the
     continuation's queries see the prefix quantized (but its sinks and newest ``residual``), the
     prefix's own queries see it in full precision.
     """
     knobs = getattr(setup, "knobs", {}) or {}
     S, R = int(knobs.get("sinks", 0)), int(knobs.get("residual", 0))
-    if protocol is not None and getattr(protocol, "quantizes_whole_cache", False):
-        P = int(protocol.prefix_tokens(T))
+    P = protocol.prefix_tokens(T) if getattr(protocol, "quantizes_whole_cache", False) else None
+    if P is not None:  # a prefix quantized as a whole, a continuation scored against it
+        P = int(P)
         q = torch.arange(T).unsqueeze(1)
         k = torch.arange(T).unsqueeze(0)
         return (q >= P) & (k >= S) & (k < P - R)

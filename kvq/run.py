@@ -384,6 +384,7 @@ def _evaluate(
         store=_results_dir(cfg) / "calib",
         model_tag=f"{(getattr(model_src, 'fingerprint', None) or model_src.cache_key)()}|{device.type}",
         cache_dir=cfg.cache_dir,
+        protocol=point.eval,  # the sensitivity where this protocol's queries see quantized K/V
     )
     module = EvalModule(loaded.model, point.eval, kv)
     trainer = L.Trainer(

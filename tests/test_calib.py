@@ -169,3 +169,33 @@ def test_codebook_bytes_and_the_amortised_bits(compose, tmp_path, extra, key_row
     )
     assert m["kv/cache_bits_per_element"] == pytest.approx(8 * m["kv/bytes"] / (m["kv/bytes_fp16"] / 2))
     assert m["kv/bits_per_element"] > m["kv/cache_bits_per_element"] and math.isfinite(m["test/ppl"])
+
+
+def test_the_sensitivity_is_measured_where_the_protocol_sees_quantized_kv() -> None:
+    """Prefill: the continuation's queries see the prefix quantized (not its sinks or newest
+    residual tokens), the prefix's own queries see nothing quantized; protocols without a
+    prefix/continuation split (passkey) calibrate in the cache's streaming order."""
+    from kvq.calib import visibility
+    from kvq.protocols import Passkey, Prefill
+    from kvq.quant import UniformQuantizer
+
+    kv = KVSetup(UniformQuantizer(), FixedBits(4), 2, knobs={"sinks": 1, "residual": 2})
+    m = visibility(kv, Prefill(prefix_len=6), 10)
+    expect = torch.zeros(10, 10, dtype=torch.bool)
+    expect[6:, 1:4] = True  # keys 1..3: after the sink, before the prefix's newest 2
+    assert torch.equal(m, expect)
+    streaming = visibility(kv, None, 10)
+    assert torch.equal(visibility(kv, Passkey(), 10), streaming)
+    assert not torch.equal(streaming, m) and not streaming[:, 0].any()  # the sink: never quantized
+
+
+def test_a_run_calibrates_for_its_own_protocol(compose, tmp_path, monkeypatch) -> None:
+    import kvq.calib as calib_mod
+
+    seen = []
+    real = calib_mod.visibility
+    monkeypatch.setattr(calib_mod, "visibility", lambda s, p, T: seen.append(p) or real(s, p, T))
+    clear_calibration_cache()
+    run(compose([*TINY, "bits=budget", "calib.windows=2", "eval=prefill"]), out_dir=tmp_path)
+    assert read_result(tmp_path)["status"] == "ok"
+    assert [type(p).__name__ for p in seen] == ["Prefill"]
