@@ -162,7 +162,11 @@ class NormalQuantizer(Quantizer):
         cnt = w.sum(dim=-1, keepdim=True).clamp_min(1.0)  # a count: exact in any order
         mean = tree_sum(x * w) / cnt
         var = tree_sum(((x - mean) * w) ** 2) / cnt
-        return {"mean": mean.half(), "std": var.sqrt().half().clamp_min(_FP16_TINY)}
+        # the correctly rounded float32 sqrt (through float64: exact for sqrt), as IEEE sqrt gives it
+        # in the fused kernels and on a GPU; torch's CPU float32 sqrt is off by one ulp on rare
+        # inputs, which flips the fp16 std where its value sits on an fp16 rounding tie
+        std = var.double().sqrt().float()
+        return {"mean": mean.half(), "std": std.half().clamp_min(_FP16_TINY)}
 
     def _levels(self, meta: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
         _, lv = gaussian_codebook(bits)
