@@ -9,17 +9,31 @@ windows and tokens, for the distribution metrics of every perplexity run.
 
 What is stored is exact for these metrics and small: per window, the fp model's final hidden
 state at every scored position (the input of the output embedding, ``[n_scored, hidden]``, in the
-model's dtype), from which the fp logits are recomputed with the model's own output embedding
-(plus Gemma's final soft-capping, Cohere's / Granite's logit scales). That is ``hidden_size x
-bytes(dtype)`` per scored token -- 2.3 KB for the embedded SmolLM2 in fp32 (19 MB for 16 windows
-of 512), 8 KB for a 7B Llama in bf16 -- instead of ``vocab x 4`` bytes for stored log-probs
-(196 KB / 128-512 KB). The quantized run's distribution goes through the same function on its
-own hidden states, so ``method=none`` gives ``kl == 0.0`` and ``top1_agree == 1.0`` exactly.
+model's dtype) and, computed once from the fp logits when the reference is recorded, per scored
+token: the log-partition ``lse_ref`` (float64), the fp argmax, and ``u = s W^T p_ref`` (float32
+``[hidden]``: the output embedding ``W`` weighted by the fp distribution, ``s`` the model's linear
+logit scale). Then for a run's token with hidden state ``h`` and logits ``z = s W h (+ b)``::
+
+    KL(p_ref || p) = (lse - lse_ref) - (h - h_ref) . u
+
+(``sum_v p_ref,v (z_v - z_ref,v) = s (h - h_ref) . W^T p_ref``; a bias cancels), so a compared
+window costs one log-sum-exp of the run's own logits, which the forward computed anyway, and a
+dot product per token -- no output-embedding product and no softmax of the fp side per
+configuration. ``method=none`` gives ``kl == 0.0`` and ``top1_agree == 1.0`` exactly (the same
+logits, the same hidden states). Storage: ``2 x hidden_size x 4 + 16`` bytes per scored token for
+the embedded SmolLM2 in fp32 (4.6 KB: 38 MB for 16 windows of 512), ``hidden_size x (2 + 4) + 16``
+(24 KB) for a 7B Llama in bf16, instead of ``vocab x 4`` bytes for stored log-probs (196 KB /
+128-512 KB). A head that is not linear in the hidden state (Gemma's final soft-capping) keeps no
+``u``: its windows are compared in full, both distributions recomputed from the hidden states
+with the model's own head (:func:`distribution_stats`).
 
 Layout, keyed like results (the key of the baseline experiment, which includes the protocol)::
 
-    <results_dir>/reference/<baseline key>/index.json     # dtype, hidden size, per-window nll
-    <results_dir>/reference/<baseline key>/<digest>.npy   # one window's hidden states
+    <results_dir>/reference/<baseline key>/index.json          # dtype, hidden size, per-window nll
+    <results_dir>/reference/<baseline key>/<digest>.npy        # one window's hidden states
+    <results_dir>/reference/<baseline key>/<digest>.lse.npy    # its fp log-partition per token
+    <results_dir>/reference/<baseline key>/<digest>.top1.npy   # its fp argmax per token
+    <results_dir>/reference/<baseline key>/<digest>.u.npy      # W^T p_ref per token (linear heads)
 
 A window is named by a digest of its token ids, so a run only ever compares the same tokens.
 The baseline run writes the reference as a by-product (:func:`attach_reference`); every later
@@ -50,10 +64,13 @@ __all__ = [
     "capture_hidden",
     "distribution_metrics",
     "distribution_stats",
+    "fp_summary",
     "head_of",
+    "linear_head",
     "paired_interval",
     "reference_ready",
     "reference_root",
+    "summary_stats",
     "window_digest",
 ]
 
@@ -63,7 +80,9 @@ log = logging.getLogger(__name__)
 REFERENCE_DIR = "reference"
 #: a reference's index; written last, so its presence means the reference is complete
 INDEX_FILE = "index.json"
-_VERSION = 1
+_VERSION = 2
+#: the per-token summaries stored beside a window's hidden states (``u`` only for linear heads)
+_PARTS = ("lse", "top1", "u")
 #: numpy storage of each torch dtype (bf16 as its raw 16 bits)
 _STORAGE = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}
 #: the bootstrap: resamples, seed, coverage
@@ -108,6 +127,67 @@ def head_of(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return x
 
     return head
+
+
+def linear_head(model: torch.nn.Module) -> tuple[torch.Tensor, float] | None:
+    """``(W [V, H], s)`` when the model's logits are ``s W h`` (+ a bias): its output embedding and
+    linear logit scale (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``); ``None`` for a
+    head that is not linear in ``h`` (Gemma's final soft-capping)."""
+    emb = model.get_output_embeddings()
+    if emb is None or not isinstance(getattr(emb, "weight", None), torch.Tensor):
+        return None
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(cfg, "final_logit_softcapping", None):
+        return None
+    scale = 1.0
+    mul, div = getattr(cfg, "logit_scale", None), getattr(cfg, "logits_scaling", None)
+    if isinstance(mul, (int, float)) and not isinstance(mul, bool):
+        scale *= float(mul)
+    if isinstance(div, (int, float)) and not isinstance(div, bool):
+        scale /= float(div)
+    return emb.weight, scale
+
+
+def fp_summary(
+    logits: torch.Tensor, head: tuple[torch.Tensor, float] | None, chunk: int = 256
+) -> dict[str, torch.Tensor]:
+    """What a recorded window keeps of its fp distribution, per scored token (module docstring).
+
+    Args:
+        logits: the fp model's logits ``[n, V]`` of the scored positions.
+        head: :func:`linear_head` (``None``: no ``u``).
+
+    Returns:
+        ``lse`` float64 ``[n]``, ``top1`` int64 ``[n]`` and, for a linear head, ``u`` float32 ``[n, H]``.
+    """
+    z = logits.float()
+    out = {"lse": torch.logsumexp(z, dim=-1).double(), "top1": z.argmax(-1)}
+    if head is not None:
+        W, scale = head
+        us = []
+        for s in range(0, z.shape[0], chunk):
+            p = z[s : s + chunk].softmax(-1)
+            us.append((p @ W.float()) * scale)
+        out["u"] = torch.cat(us) if us else z.new_zeros(0, W.shape[1])
+    return out
+
+
+def summary_stats(
+    hidden: torch.Tensor, logits: torch.Tensor, ref_hidden: torch.Tensor, ref: dict[str, torch.Tensor]
+) -> tuple[float, int]:
+    """Summed KL(p_ref || p) and argmax agreements from the stored summary (a linear head):
+    ``(lse - lse_ref) - (h - h_ref) . u`` per token, in float64.
+
+    Args:
+        hidden: the run's hidden states ``[n, H]``; logits: its logits ``[n, V]``.
+        ref_hidden: the reference's ``[n, H]``; ref: its :func:`fp_summary`.
+    """
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1).double()
+    dh = hidden.double() - ref_hidden.double()
+    kl = (lse - ref["lse"].to(lse.device)) - (dh * ref["u"].to(dh.device).double()).sum(-1)
+    agree = int((z.argmax(-1) == ref["top1"].to(z.device)).sum())
+    return float(kl.sum()), agree
 
 
 @contextmanager
@@ -205,12 +285,14 @@ class Reference:
         self.missing = 0
         self.dtype: str | None = None
         self.windows: dict[str, dict[str, float]] = {}
+        self.linear = False
         self._checked = False
         if not record:
             index = self.read_index(self.root)
             if index is None:
                 raise ValueError(f"no complete fp reference in {self.root}")
             self.dtype, self.windows = index["dtype"], index["windows"]
+            self.linear = bool(index.get("linear"))
 
     @staticmethod
     def read_index(root: Path) -> dict[str, Any] | None:
@@ -222,7 +304,10 @@ class Reference:
         if not isinstance(index, dict) or index.get("version") != _VERSION:
             return None
         windows = index.get("windows")
-        if not isinstance(windows, dict) or not all((Path(root) / f"{d}.npy").is_file() for d in windows):
+        parts = ("", ".lse", ".top1") + ((".u",) if index.get("linear") else ())
+        if not isinstance(windows, dict) or not all(
+            (Path(root) / f"{d}{x}.npy").is_file() for d in windows for x in parts
+        ):
             return None
         return index
 
@@ -231,31 +316,50 @@ class Reference:
         """Whether ``root`` holds a complete reference."""
         return cls.read_index(root) is not None
 
-    def _path(self, digest: str) -> Path:
-        return self.root / f"{digest}.npy"
+    def _path(self, digest: str, part: str = "") -> Path:
+        return self.root / f"{digest}{'.' + part if part else ''}.npy"
 
-    def _save(self, digest: str, hidden: torch.Tensor) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        h = hidden.detach().cpu().contiguous()
+    def _write(self, path: Path, t: torch.Tensor) -> None:
+        h = t.detach().cpu().contiguous()
         arr = h.view(torch.int16).numpy() if h.dtype == torch.bfloat16 else h.numpy()
-        fd, tmp = tempfile.mkstemp(prefix=f".{digest}.", suffix=".tmp", dir=self.root)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=self.root)
         try:
             with os.fdopen(fd, "wb") as f:
                 np.save(f, arr, allow_pickle=False)
-            os.replace(tmp, self._path(digest))
+            os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def _load(self, digest: str, like: torch.Tensor) -> torch.Tensor | None:
+    def _save(self, digest: str, hidden: torch.Tensor, summary: dict[str, torch.Tensor]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for part, t in summary.items():  # the summaries first, the hidden states (named in the index) last
+            self._write(self._path(digest, part), t)
+        self._write(self._path(digest), hidden)
+
+    def _read(self, path: Path) -> torch.Tensor | None:
         try:
-            arr = np.load(self._path(digest), mmap_mode="r", allow_pickle=False)
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError):
             return None
-        t = torch.from_numpy(np.array(arr))  # a copy: the memory map is read-only
+        return torch.from_numpy(np.array(arr))  # a copy: the memory map is read-only
+
+    def _load(self, digest: str, like: torch.Tensor) -> torch.Tensor | None:
+        t = self._read(self._path(digest))
+        if t is None:
+            return None
         if like.dtype == torch.bfloat16:
             t = t.view(torch.bfloat16)
         return t.to(like.device)
+
+    def _load_summary(self, digest: str) -> dict[str, torch.Tensor] | None:
+        out = {}
+        for part in _PARTS:
+            t = self._read(self._path(digest, part))
+            if t is None:
+                return None if part != "u" else out
+            out[part] = t
+        return out
 
     def observe(
         self,
@@ -265,6 +369,7 @@ class Reference:
         nll: float,
         tokens: int,
         check: tuple[torch.Tensor, torch.Tensor] | None = None,
+        logits: torch.Tensor | None = None,
     ) -> tuple[str, float, int] | None:
         """One scored window: record it (baseline) and compare it with the reference.
 
@@ -276,6 +381,8 @@ class Reference:
             check: ``(hidden row [H], the model's logits for it [V])``: on the first window, the
                 logits recomputed from the hidden state must match the model's (else a
                 ``ValueError``: the model transforms its logits in a way kvq does not know).
+            logits: the model's logits of the scored positions ``[n, V]`` (``None``: recomputed
+                from ``hidden`` with the model's head).
 
         Returns:
             ``(digest, summed KL, argmax agreements)``, or ``None`` when the reference lacks the
@@ -295,10 +402,13 @@ class Reference:
             self._checked = True
         digest = window_digest(ids)
         dtype = str(hidden.dtype).removeprefix("torch.")
+        linear = linear_head(model)
+        if logits is None:
+            logits = torch.cat([head(hidden[s : s + 256]) for s in range(0, hidden.shape[0], 256)])
         if self.recording:
-            self._save(digest, hidden)
+            self._save(digest, hidden, fp_summary(logits, linear))
             self.windows[digest] = {"nll": float(nll), "tokens": int(tokens)}
-            self.dtype = dtype
+            self.dtype, self.linear = dtype, linear is not None
         elif self.dtype != dtype:
             if not self.missing:
                 log.warning(
@@ -311,10 +421,16 @@ class Reference:
             self.missing += 1
             return None
         ref = self._load(digest, hidden) if digest in self.windows else None
-        if ref is None:
+        summary = self._load_summary(digest) if ref is not None else None
+        if ref is None or summary is None:
             self.missing += 1
             return None
-        kl, agree = distribution_stats(hidden, ref, head)
+        if ref.shape != hidden.shape:
+            raise ValueError(f"reference shape {tuple(ref.shape)} != run's {tuple(hidden.shape)}")
+        if linear is not None and "u" in summary:
+            kl, agree = summary_stats(hidden, logits, ref, summary)
+        else:  # a head that is not linear in h: both distributions in full
+            kl, agree = distribution_stats(hidden, ref, head)
         return digest, kl, agree
 
     def baseline(self, digest: str) -> tuple[float, int] | None:
@@ -329,11 +445,13 @@ class Reference:
         hidden = None
         with suppress(OSError, ValueError):
             hidden = int(np.load(self._path(next(iter(self.windows))), mmap_mode="r").shape[-1])
-        stored = sum(self._path(d).stat().st_size for d in self.windows if self._path(d).exists())
+        files = [self._path(d, x) for d in self.windows for x in ("", *_PARTS)]
+        stored = sum(f.stat().st_size for f in files if f.exists())
         index = {
             "version": _VERSION,
             "dtype": self.dtype,
             "hidden_size": hidden,
+            "linear": self.linear,
             "tokens": sum(int(w["tokens"]) for w in self.windows.values()),
             "bytes": stored,
             "windows": self.windows,

@@ -125,9 +125,41 @@ def test_reference_storage_is_small_and_exact(tiny_model, tmp_path: Path) -> Non
     index = json.loads((tmp_path / INDEX_FILE).read_text())
     H = model.config.hidden_size
     assert index["tokens"] == 2 * 23 and index["hidden_size"] == H and index["dtype"] == "float32"
-    arrays = [np.load(tmp_path / f"{d}.npy") for d in index["windows"]]
-    assert all(a.shape == (23, H) and a.dtype == np.float32 for a in arrays)
-    assert index["bytes"] == sum(a.nbytes + 128 for a in arrays)  # 4 * H bytes per token + the header
+    assert index["linear"] is True  # the tiny Llama's logits are W h: the fast KL applies
+    for d in index["windows"]:
+        hid, u = np.load(tmp_path / f"{d}.npy"), np.load(tmp_path / f"{d}.u.npy")
+        lse, top1 = np.load(tmp_path / f"{d}.lse.npy"), np.load(tmp_path / f"{d}.top1.npy")
+        assert hid.shape == u.shape == (23, H) and hid.dtype == u.dtype == np.float32
+        assert lse.shape == top1.shape == (23,) and lse.dtype == np.float64 and top1.dtype == np.int64
+    # per scored token: hidden (4 H) + u (4 H) + lse (8) + argmax (8) bytes, plus a 128-byte header a file
+    assert index["bytes"] == 2 * 23 * (8 * H + 16) + 2 * 4 * 128
+
+
+def test_the_stored_summary_gives_the_kl_of_the_full_distributions(tiny_model, tmp_path: Path) -> None:
+    """``(lse - lse_ref) - (h - h_ref) . W^T p_ref`` equals the KL summed over the whole vocabulary
+    (float64 reference) as closely as the direct float32 sum does, and the agreement is the argmax
+    comparison."""
+    from kvq.reference import capture_hidden, distribution_stats, head_of
+
+    model, windows = tiny_model.model, _windows(n=2)
+    base = FakeQuant()
+    base.reference = Reference(tmp_path, record=True)
+    _score(base, model, _setup(model, FullPrecision()), windows)
+    base.reference.finish()
+    p = FakeQuant()
+    p.reference = Reference(tmp_path, record=False)
+    rs, _ = _score(p, model, _setup(model, UniformQuantizer(), 3), windows)
+    head = head_of(model)
+    for w, r in zip(windows, rs):
+        with torch.inference_mode(), capture_hidden(model) as seen:
+            fp = model(w).logits[0, :-1].double().log_softmax(-1)
+            q = model(w, cache=_setup(model, UniformQuantizer(), 3).cache(), use_cache=True).logits
+        q = q[0, :-1].double().log_softmax(-1)
+        kl = float((fp.exp() * (fp - q)).sum())
+        with torch.inference_mode():
+            direct, _ = distribution_stats(seen[1][0, :-1], seen[0][0, :-1], head)
+        assert r.kl > 0 and abs(r.kl - kl) <= max(2 * abs(direct - kl), 1e-7 * r.tokens)
+        assert r.agree == int((fp.argmax(-1) == q.argmax(-1)).sum())
 
 
 def test_runs_report_distribution_metrics_and_reuse_the_reference(

@@ -54,14 +54,14 @@ class WindowProtocol(Protocol):
 
         Args:
             hidden: the scored positions' final hidden states ``[B, n, H]``.
-            logits: the model's logits for them ``[B, n, V]`` (the last row checks the head).
+            logits: the model's logits for them ``[B, n, V]`` (the KL's run side; the last row checks
+                the head).
         """
         if self.reference is None:
             return r
         h = hidden.reshape(-1, hidden.shape[-1])
-        got = self.reference.observe(
-            model, ids, h, r.nll, r.tokens, check=(h[-1], logits.reshape(-1, logits.shape[-1])[-1])
-        )
+        z = logits.reshape(-1, logits.shape[-1])
+        got = self.reference.observe(model, ids, h, r.nll, r.tokens, check=(h[-1], z[-1]), logits=z)
         if got is not None:
             r.digest, r.kl, r.agree = got
         return r
@@ -147,11 +147,14 @@ class Decode(WindowProtocol):
         cache = kv.cache(plan)
         nll = 0.0
         timer = Timer(ids.device)
+        steps = []
         with self._capture(model) as seen:
             for t in range(ids.shape[1] - 1):
                 with timer:
                     logits = model(ids[:, t : t + 1], cache=cache, use_cache=True).logits
                 nll += nll_sum(logits[:, -1:], ids[:, t + 1 : t + 2])
+                if seen:
+                    steps.append(logits[:, -1:])
         r = window_result(nll, ids[:, 1:].numel(), cache)
         r.forward_s = timer.seconds
-        return self._compare(model, ids, r, torch.cat(seen, dim=1), logits[:, -1:]) if seen else r
+        return self._compare(model, ids, r, torch.cat(seen, dim=1), torch.cat(steps, dim=1)) if seen else r
