@@ -149,19 +149,24 @@ def linear_head(model: torch.nn.Module) -> tuple[torch.Tensor, float] | None:
 
 
 def fp_summary(
-    logits: torch.Tensor, head: tuple[torch.Tensor, float] | None, chunk: int = 256
+    logits: torch.Tensor,
+    head: tuple[torch.Tensor, float] | None,
+    chunk: int = 256,
+    lse: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """What a recorded window keeps of its fp distribution, per scored token (module docstring).
 
     Args:
         logits: the fp model's logits ``[n, V]`` of the scored positions.
         head: :func:`linear_head` (``None``: no ``u``).
+        lse: the log-partitions ``[n]`` (float32) when already computed.
 
     Returns:
         ``lse`` float64 ``[n]``, ``top1`` int64 ``[n]`` and, for a linear head, ``u`` float32 ``[n, H]``.
     """
     z = logits.float()
-    out = {"lse": torch.logsumexp(z, dim=-1).double(), "top1": z.argmax(-1)}
+    lse = torch.logsumexp(z, dim=-1) if lse is None else lse.float()
+    out = {"lse": lse.double(), "top1": z.argmax(-1)}
     if head is not None:
         W, scale = head
         us = []
@@ -173,7 +178,11 @@ def fp_summary(
 
 
 def summary_stats(
-    hidden: torch.Tensor, logits: torch.Tensor, ref_hidden: torch.Tensor, ref: dict[str, torch.Tensor]
+    hidden: torch.Tensor,
+    logits: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref: dict[str, torch.Tensor],
+    lse: torch.Tensor | None = None,
 ) -> tuple[float, int]:
     """Summed KL(p_ref || p) and argmax agreements from the stored summary (a linear head):
     ``(lse - lse_ref) - (h - h_ref) . u`` per token, in float64.
@@ -181,9 +190,10 @@ def summary_stats(
     Args:
         hidden: the run's hidden states ``[n, H]``; logits: its logits ``[n, V]``.
         ref_hidden: the reference's ``[n, H]``; ref: its :func:`fp_summary`.
+        lse: the run's log-partitions ``[n]`` (float32) when already computed (the nll's).
     """
     z = logits.float()
-    lse = torch.logsumexp(z, dim=-1).double()
+    lse = (torch.logsumexp(z, dim=-1) if lse is None else lse.float()).double()
     dh = hidden.double() - ref_hidden.double()
     kl = (lse - ref["lse"].to(lse.device)) - (dh * ref["u"].to(dh.device).double()).sum(-1)
     agree = int((z.argmax(-1) == ref["top1"].to(z.device)).sum())
@@ -370,6 +380,7 @@ class Reference:
         tokens: int,
         check: tuple[torch.Tensor, torch.Tensor] | None = None,
         logits: torch.Tensor | None = None,
+        lse: torch.Tensor | None = None,
     ) -> tuple[str, float, int] | None:
         """One scored window: record it (baseline) and compare it with the reference.
 
@@ -383,6 +394,7 @@ class Reference:
                 ``ValueError``: the model transforms its logits in a way kvq does not know).
             logits: the model's logits of the scored positions ``[n, V]`` (``None``: recomputed
                 from ``hidden`` with the model's head).
+            lse: their log-partitions ``[n]`` when the caller computed them (the nll's).
 
         Returns:
             ``(digest, summed KL, argmax agreements)``, or ``None`` when the reference lacks the
@@ -405,8 +417,10 @@ class Reference:
         linear = linear_head(model)
         if logits is None:
             logits = torch.cat([head(hidden[s : s + 256]) for s in range(0, hidden.shape[0], 256)])
+        if lse is None:  # one log-partition per token, the same function for the run and the reference
+            lse = torch.logsumexp(logits.float(), dim=-1)
         if self.recording:
-            self._save(digest, hidden, fp_summary(logits, linear))
+            self._save(digest, hidden, fp_summary(logits, linear, lse=lse))
             self.windows[digest] = {"nll": float(nll), "tokens": int(tokens)}
             self.dtype, self.linear = dtype, linear is not None
         elif self.dtype != dtype:
@@ -428,7 +442,7 @@ class Reference:
         if ref.shape != hidden.shape:
             raise ValueError(f"reference shape {tuple(ref.shape)} != run's {tuple(hidden.shape)}")
         if linear is not None and "u" in summary:
-            kl, agree = summary_stats(hidden, logits, ref, summary)
+            kl, agree = summary_stats(hidden, logits, ref, summary, lse=lse)
         else:  # a head that is not linear in h: both distributions in full
             kl, agree = distribution_stats(hidden, ref, head)
         return digest, kl, agree

@@ -19,14 +19,22 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from kvq.memory import kv_figures, measured
 from kvq.protocols.setup import KVSetup
 from kvq.reference import distribution_metrics
 
-__all__ = ["Batches", "Protocol", "Timer", "WindowResult", "layer_bits", "nll_sum", "window_result"]
+__all__ = [
+    "Batches",
+    "Protocol",
+    "Timer",
+    "WindowResult",
+    "layer_bits",
+    "nll_and_lse",
+    "nll_sum",
+    "window_result",
+]
 
 
 @dataclass
@@ -78,12 +86,19 @@ class Timer:
         self.seconds += time.perf_counter() - self._t0
 
 
+def nll_and_lse(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Summed cross-entropy of ``logits [B, t, V]`` against ``targets [B, t]`` (summed in float64)
+    and each position's log-partition ``[B * t]`` (float32), computed once for the nll and the KL
+    against the fp reference (:func:`kvq.reference.summary_stats`)."""
+    z = logits.detach().reshape(-1, logits.shape[-1]).float()
+    lse = torch.logsumexp(z, dim=-1)
+    picked = z.gather(1, targets.reshape(-1, 1).to(z.device)).squeeze(1)
+    return float((lse - picked).sum(dtype=torch.float64)), lse
+
+
 def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Summed cross-entropy of ``logits [B, t, V]`` against ``targets [B, t]``."""
-    logits = logits.detach()
-    return float(
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
-    )
+    return nll_and_lse(logits, targets)[0]
 
 
 def window_result(nll: float, tokens: int, cache: Any) -> WindowResult:

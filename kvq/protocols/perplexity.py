@@ -25,7 +25,7 @@ import torch
 
 from kvq.attention import clear_mixed
 from kvq.memory import measured
-from kvq.protocols.base import Protocol, Timer, WindowResult, nll_sum, window_result
+from kvq.protocols.base import Protocol, Timer, WindowResult, nll_and_lse, nll_sum, window_result
 from kvq.protocols.setup import KVSetup
 from kvq.reference import capture_hidden
 
@@ -49,6 +49,7 @@ class WindowProtocol(Protocol):
         r: WindowResult,
         hidden: torch.Tensor,
         logits: torch.Tensor,
+        lse: torch.Tensor | None = None,
     ) -> WindowResult:
         """Fill ``r.kl``, ``r.agree`` and ``r.digest`` against the reference.
 
@@ -56,12 +57,13 @@ class WindowProtocol(Protocol):
             hidden: the scored positions' final hidden states ``[B, n, H]``.
             logits: the model's logits for them ``[B, n, V]`` (the KL's run side; the last row checks
                 the head).
+            lse: their log-partitions ``[B * n]`` when the nll already computed them.
         """
         if self.reference is None:
             return r
         h = hidden.reshape(-1, hidden.shape[-1])
         z = logits.reshape(-1, logits.shape[-1])
-        got = self.reference.observe(model, ids, h, r.nll, r.tokens, check=(h[-1], z[-1]), logits=z)
+        got = self.reference.observe(model, ids, h, r.nll, r.tokens, check=(h[-1], z[-1]), logits=z, lse=lse)
         if got is not None:
             r.digest, r.kl, r.agree = got
         return r
@@ -80,9 +82,10 @@ class FakeQuant(WindowProtocol):
             clear_mixed()
             with self._capture(model) as seen:
                 logits = model(ids, cache=cache, use_cache=True).logits
-        r = window_result(nll_sum(logits[:, :-1], ids[:, 1:]), ids[:, 1:].numel(), cache)
+        nll, lse = nll_and_lse(logits[:, :-1], ids[:, 1:])
+        r = window_result(nll, ids[:, 1:].numel(), cache)
         r.forward_s = timer.seconds
-        return self._compare(model, ids, r, seen[-1][:, :-1], logits[:, :-1]) if seen else r
+        return self._compare(model, ids, r, seen[-1][:, :-1], logits[:, :-1], lse) if seen else r
 
 
 @dataclass
@@ -130,9 +133,9 @@ class Prefill(WindowProtocol):
         bits = cache.mean_bits_per_layer()
         with timer, self._capture(model) as seen:
             logits = model(ids[:, P:], cache=cache, use_cache=True).logits
-        nll = nll_sum(logits[:, :-1], ids[:, P + 1 :])
+        nll, lse = nll_and_lse(logits[:, :-1], ids[:, P + 1 :])
         r = WindowResult(nll, ids[:, P + 1 :].numel(), m.bytes, m.elements, bits, forward_s=timer.seconds)
-        return self._compare(model, ids, r, seen[-1][:, :-1], logits[:, :-1]) if seen else r
+        return self._compare(model, ids, r, seen[-1][:, :-1], logits[:, :-1], lse) if seen else r
 
 
 @dataclass
