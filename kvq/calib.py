@@ -34,6 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from kvq.data import LocalText, PyDoc, TokenWindowDataModule
+from kvq.results import atomic_write
 
 __all__ = [
     "CALIB_TEXTS",
@@ -451,9 +452,7 @@ def _fit(component: Any, stats: CalibStats, setup: Any, extra: dict[str, Any], s
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                torch.save(state, tmp)
-                tmp.replace(path)
+                atomic_write(path, lambda f: torch.save(state, f))
             except OSError as e:
                 log.warning("could not store calibration state %s (%s)", path, e)
 

@@ -46,8 +46,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -55,6 +53,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from kvq.results import atomic_write
 
 __all__ = [
     "INDEX_FILE",
@@ -295,14 +295,13 @@ class Reference:
         self.missing = 0
         self.dtype: str | None = None
         self.windows: dict[str, dict[str, float]] = {}
-        self.linear = False
+        self.linear = False  # a recorded window had a linear head (written to the index)
         self._checked = False
         if not record:
             index = self.read_index(self.root)
             if index is None:
                 raise ValueError(f"no complete fp reference in {self.root}")
             self.dtype, self.windows = index["dtype"], index["windows"]
-            self.linear = bool(index.get("linear"))
 
     @staticmethod
     def read_index(root: Path) -> dict[str, Any] | None:
@@ -332,14 +331,7 @@ class Reference:
     def _write(self, path: Path, t: torch.Tensor) -> None:
         h = t.detach().cpu().contiguous()
         arr = h.view(torch.int16).numpy() if h.dtype == torch.bfloat16 else h.numpy()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=self.root)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, arr, allow_pickle=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
 
     def _save(self, digest: str, hidden: torch.Tensor, summary: dict[str, torch.Tensor]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -470,14 +462,7 @@ class Reference:
             "bytes": stored,
             "windows": self.windows,
         }
-        fd, tmp = tempfile.mkstemp(prefix=".index.", suffix=".tmp", dir=self.root)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(index, f, indent=1)
-            os.replace(tmp, self.root / INDEX_FILE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.root / INDEX_FILE, lambda f: json.dump(index, f, indent=1), text=True)
         log.info("fp reference: %d windows, %d bytes in %s", len(self.windows), stored, self.root)
 
 

@@ -9,9 +9,10 @@ import math
 import os
 import platform
 import tempfile
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from kvq.errors import KVQError, one_line
 
@@ -19,6 +20,7 @@ __all__ = [
     "DROPPED_FILE",
     "RESULT_FILE",
     "ResultStore",
+    "atomic_write",
     "finite_json",
     "read_result",
     "verdict_key",
@@ -77,27 +79,20 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def write_result(run_dir: Path, record: dict[str, Any], name: str = RESULT_FILE) -> Path:
-    """Write ``record`` to ``run_dir/name`` (``result.json``) atomically (temp file + rename).
+def atomic_write(path: Path, write: Callable[[IO[Any]], None], text: bool = False) -> Path:
+    """Write ``path`` atomically: ``write(f)`` fills a temp file in the same folder (created
+    exclusively by ``mkstemp``, named after the writing host and pid), which is flushed to disk,
+    given the mode a plain ``open()`` would give it, then renamed over ``path`` in one step.
 
-    The file is strict JSON (a non-finite float is written as ``null``) and gets the mode a
-    plain ``open()`` would give it (``0644`` under the usual umask), so a store shared by a
-    team stays readable by all.
-
-    Safe under concurrent writers (local_gpus workers, SLURM jobs, W&B agents finishing the same
-    experiment): each write goes to its own temp file in the same folder (created exclusively by
-    ``mkstemp``, named after the writing host and pid), is flushed to disk, then renamed over
-    ``name`` in one step. A reader sees the old file or a new one, never a partial file; of two
-    writers of one name the last rename wins, and exactly one complete file remains.
+    A reader sees the old file or a new one, never a partial file; of concurrent writers of one
+    name the last rename wins and exactly one complete file remains. On failure the temp file is
+    removed and the error raised.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / name
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.{_writer()}.", suffix=".tmp", dir=run_dir)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer()}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(finite_json(record), f, indent=2, sort_keys=False, default=str, allow_nan=False)
-            f.write("\n")
+        with os.fdopen(fd, "w" if text else "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _file_mode())
@@ -106,6 +101,24 @@ def write_result(run_dir: Path, record: dict[str, Any], name: str = RESULT_FILE)
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_result(run_dir: Path, record: dict[str, Any], name: str = RESULT_FILE) -> Path:
+    """Write ``record`` to ``run_dir/name`` (``result.json``) atomically (:func:`atomic_write`).
+
+    The file is strict JSON (a non-finite float is written as ``null``) and gets the mode a
+    plain ``open()`` would give it (``0644`` under the usual umask), so a store shared by a
+    team stays readable by all. Safe under concurrent writers (local_gpus workers, SLURM jobs,
+    W&B agents finishing the same experiment).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    def dump(f: IO[Any]) -> None:
+        json.dump(finite_json(record), f, indent=2, sort_keys=False, default=str, allow_nan=False)
+        f.write("\n")
+
+    return atomic_write(run_dir / name, dump, text=True)
 
 
 def read_result(run_dir: Path) -> dict[str, Any]:

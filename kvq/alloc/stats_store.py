@@ -26,8 +26,6 @@ its cache in the same forward, so it runs the pass anyway and only writes the st
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ import torch
 
 from kvq.alloc.qaq import AttentionStats, AttentionStatsCollector
 from kvq.reference import window_digest
+from kvq.results import atomic_write
 
 __all__ = ["STATS_DIR", "AttentionStatsStore", "attach_attention_stats", "stats_root"]
 
@@ -107,14 +106,7 @@ class AttentionStatsStore:
         }
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    torch.save(blob, f)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(path, lambda f: torch.save(blob, f))
         except OSError as e:
             log.warning("could not store attention statistics %s (%s)", path, e)
 

@@ -88,7 +88,7 @@ def test_tokens_and_collector_knobs_name_the_file(model, tmp_path: Path) -> None
     assert len(list((tmp_path / "s").glob("*.pt"))) == 5
     _setup(model, store, last_n=3).plan_from_pass(model, _ids(0))
     assert store.hits == 1
-    assert not list((tmp_path / "s").glob(".tmp-*"))  # atomic writes leave no temporaries
+    assert not list((tmp_path / "s").glob(".*.tmp"))  # atomic writes leave no temporaries
 
 
 def test_rewrite_never_reads_and_a_pass_with_a_cache_always_runs(model, tmp_path: Path) -> None:
