@@ -51,7 +51,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    common = ["logger=none", f"data.max_windows={args.windows}"]
+    # the layout of the first run (per-token layer units, no grouping), pinned: the defaults moved
+    common = ["logger=none", f"data.max_windows={args.windows}", "grouping=none", "kv.key_axis=token"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()

@@ -348,6 +348,31 @@ def measured_bits(lm: Any, rope: Any, proto: Any, data_src: Any, windows: torch.
     return 8 * (sum(x.kv_bytes for x in res) + once) / sum(x.kv_elements for x in res)
 
 
+def _row_id(rec: dict[str, Any]) -> tuple[str, str]:
+    return rec["choices"]["eval"], rec["name"]
+
+
+def _kept_records(path: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The records of an earlier run that ``--merge`` keeps (it must match this run's knobs)."""
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    for knob in ("windows", "passkey_length"):
+        if old.get(knob) != getattr(args, knob):
+            raise SystemExit(
+                f"benchmark: --merge with --{knob.replace('_', '-')}={getattr(args, knob)}, but {path} was "
+                f"measured with {old.get(knob)}: use the same value or drop --merge"
+            )
+    return list(old["records"])
+
+
+def _merged(kept: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``kept`` with each row of ``new`` in its place (same protocol and label), the rest appended."""
+    fresh = {_row_id(r): r for r in new}
+    out = [fresh.pop(_row_id(r), r) for r in kept]
+    return out + [r for r in new if _row_id(r) in fresh]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=16)
@@ -356,9 +381,16 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/quality")
     ap.add_argument("--passkey-length", type=int, default=2048, help="0 = no passkey column")
     ap.add_argument("--passkey-trials", type=int, default=1, help="prompts per depth (5 depths)")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other rows of an existing quality.json (same --windows and --passkey-length); "
+        "the rows computed now replace theirs in place",
+    )
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    kept = _kept_records(out_dir / "quality.json", args) if args.merge else []
     lm = SmolLM2Embedded(dtype="float32").load(attn_implementation=register())
     windows = eval_windows(lm.tokenizer, args.windows, require_wikitext=True)
     # the evaluation text as a data source: calibration (calib=pydoc by default) keeps away from it
@@ -424,6 +456,7 @@ def main() -> None:
                 "metrics": m,
             }
             records.append(rec)
+            everything = _merged(kept, records)
             print(
                 f"{proto_name:9s} {row.label:55s} ppl {ppl:8.3f}  {m['test/delta_ppl_pct']:+7.2f}% "
                 f"[{m.get('test/delta_ppl_pct_lo', math.nan):+.2f}, {m.get('test/delta_ppl_pct_hi', math.nan):+.2f}]  "
@@ -434,11 +467,12 @@ def main() -> None:
             )
             (out_dir / "quality.json").write_text(
                 json.dumps(
-                    {"windows": args.windows, "passkey_length": args.passkey_length, "records": records},
+                    {"windows": args.windows, "passkey_length": args.passkey_length, "records": everything},
                     indent=1,
                     default=str,
                 )
             )
+    records = _merged(kept, records)
     (out_dir / "quality.md").write_text(quality_md(records, args.passkey_length))
     for rec in records:  # where kvq.report says a row came from
         rec["_path"] = rec["_root"] = str(out_dir / "quality.json")

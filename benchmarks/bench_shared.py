@@ -3,7 +3,8 @@
     python benchmarks/bench_shared.py [--windows 16] [--out benchmarks/results/shared.json]
 
 One ``python train_eval.py -m method=uniform,normal bits=b2,b3,b4,b8,attn,budget
-grouping=none,g32`` on the embedded model and data, in a fresh results store. What the grid
+grouping=none,g32 kv.key_axis=token`` on the embedded model and data, in a fresh results store
+(per-token keys throughout, the layout first measured; ``bits=attn`` needs them). What the grid
 shares, per (model, data, protocol), is computed once: the model load and tokenisation, the
 full-precision baseline and its reference (for ``test/kl``), the attention statistics of
 ``bits=attn`` (:mod:`kvq.alloc.stats_store`) and the calibration statistics of ``bits=budget``
@@ -47,6 +48,7 @@ def main() -> None:
             str(REPO / "train_eval.py"),
             "-m",
             *(f"{k}={','.join(v)}" for k, v in AXES.items()),
+            "kv.key_axis=token",  # per-token keys throughout (bits=attn needs them), as first measured
             "logger=none",
             f"data.max_windows={args.windows}",
             f"hydra.sweep.dir={sweep}",

@@ -33,6 +33,7 @@ __all__ = [
     "is_baseline_record",
     "make_point",
     "node_of",
+    "resolve_key_axis",
     "run_name",
     "unknown_keys",
 ]
@@ -46,24 +47,25 @@ NON_EXPERIMENT_KEYS: tuple[str, ...] = ("logger", "accelerator", "cache_dir", "h
 BASELINE_CHOICES: dict[str, str] = {
     "method": "none",
     "bits": "b4",
-    "grouping": "none",
+    "grouping": "g64",
     "granularity": "layer",
     "rotation": "none",
 }
 BASELINE_NODES: dict[str, dict[str, Any]] = {
     "method": {"_target_": "kvq.quant.FullPrecision", "group_size": None, "outlier_ratio": 0.0},
     "bits": {"_target_": "kvq.alloc.FixedBits", "key_bits": 4, "value_bits": None},
-    "grouping": {"_target_": "kvq.quant.Grouping", "size": None},
+    "grouping": {"_target_": "kvq.quant.Grouping", "size": 64},
     "granularity": {"_target_": "kvq.granularity.Granularity", "unit": "layer"},
     "rotation": {"_target_": "kvq.quant.NoRotation"},
 }
-#: the kv knobs a baseline resets (fp_dtype stays: the baseline stores K/V in the same dtype)
+#: the kv knobs a baseline resets, to the defaults of :class:`kvq.cache.KVSettings` (fp_dtype
+#: stays: the baseline stores K/V in the same dtype)
 _BASELINE_KV: dict[str, Any] = {
     "residual": 0,
     "sinks": 0,
     "outlier_ratio": 0.0,
-    "key_axis": "token",
-    "key_group": 32,
+    "key_axis": "auto",
+    "key_group": 64,
     "pre_rope": False,
 }
 
@@ -236,9 +238,52 @@ def make_point(cfg: DictConfig, meta: Any = None) -> Point:
         )
     except Exception:  # noqa: BLE001 -- the data node's own errors surface when it is built
         data = None
-    return Point(
+    point = Point(
         meta=meta, errors=errors, seq_len=seq_len, data=data if isinstance(data, dict) else None, **built
     )
+    if point.kv is not None and point.kv.key_axis == "auto":
+        point.kv = dataclasses.replace(point.kv, key_axis=resolve_key_axis(point)[0])
+    return point
+
+
+def resolve_key_axis(p: Point) -> tuple[str, str]:
+    """What ``kv.key_axis=auto`` (the default) means for ``p``, and why.
+
+    ``channel`` (KIVI/KVQuant: each key channel over ``kv.key_group`` tokens; the layout that
+    keeps keys' outlier channels apart) wherever the point can quantize keys that way, else
+    ``token``: the method does not quantize in kvq's cache (``method=none``, the peers, which
+    build their own), the allocator gives each token its own key width (``bits=attn`` without
+    ``bits.fixed_key_bits``), the unit spans layers (``granularity=token``), or the cache never
+    holds one whole key group beyond the sinks and the residual window (a short
+    ``data.seq_len``). An explicit ``kv.key_axis`` is never changed (the validator refuses
+    what it cannot do); the resolved axis is what the run records and its key hashes.
+
+    Returns:
+        ``(axis, reason)``: the axis and one line saying why.
+    """
+    m = p.method
+    if m is None or not getattr(m, "quantizes", False) or not getattr(m, "one_pass_quantized", False):
+        return "token", "the method does not quantize in kvq's cache"
+    if "kv.key_axis" in getattr(m, "ignores", ()):
+        return "token", "the method has no key axis"
+    if p.bits is not None and getattr(p.bits, "per_token_keys", False):
+        return (
+            "token",
+            "bits=attn gives each token its own key width (bits.fixed_key_bits=N keeps channel keys)",
+        )
+    if p.granularity is not None and p.granularity.spans_layers:
+        return "token", "granularity=token makes one unit of a token across all layers"
+    n = p.cached_tokens()
+    if (
+        n is not None
+        and p.kv is not None
+        and dataclasses.replace(p.kv, key_axis="channel").quantized_tokens(n) == 0
+    ):
+        return (
+            "token",
+            f"the cache holds {n} tokens per window, less than one key group (kv.key_group={p.kv.key_group})",
+        )
+    return "channel", f"keys per channel in groups of kv.key_group={p.kv.key_group if p.kv else '?'} tokens"
 
 
 def _select_int(cfg: DictConfig, key: str) -> int | None:

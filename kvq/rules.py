@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from kvq.alloc import AttentionAwareBits, FixedBits
 from kvq.cache import KVSettings
 from kvq.errors import flat
-from kvq.experiment import BASELINE_NODES, Point, node_of
+from kvq.experiment import BASELINE_NODES, Point, node_of, resolve_key_axis
 from kvq.quant import Quantizer
 
 __all__ = ["RULES", "Rewrite", "Rule", "Violation", "eval_name", "kvq_cache", "method_name"]
@@ -111,8 +111,13 @@ def _knob_value(p: Point, knob: str) -> Any:
     return getattr(p, knob)
 
 
-def _knob_default(knob: str) -> Any:
-    return _KV_DEFAULTS[knob[3:]] if knob.startswith("kv.") else _DEFAULTS[knob]
+def _kv_default(p: Point, name: str) -> Any:
+    """The default of ``kv.<name>`` at ``p`` (``key_axis``: what its default ``auto`` resolves to)."""
+    return resolve_key_axis(p)[0] if name == "key_axis" else _KV_DEFAULTS[name]
+
+
+def _knob_default(p: Point, knob: str) -> Any:
+    return _kv_default(p, knob[3:]) if knob.startswith("kv.") else _DEFAULTS[knob]
 
 
 def _shown(knob: str, v: Any) -> str:
@@ -136,7 +141,7 @@ def _changed(p: Point, knobs: Sequence[str]) -> list[str]:
     """The knobs among ``knobs`` set away from their defaults, as ``name=value``."""
     out = []
     for knob in knobs:
-        v, d = _knob_value(p, knob), _knob_default(knob)
+        v, d = _knob_value(p, knob), _knob_default(p, knob)
         if v is None and knob == "rotation":  # a config without the rotation axis
             continue
         if (float(v) != d) if isinstance(d, float) else (v != d):
@@ -152,7 +157,7 @@ def _reset_ignored(p: Point, c: dict[str, Any]) -> None:
     """Rewrite: every knob the method ignores back to its default."""
     for knob in p.method.ignores:
         if knob.startswith("kv."):
-            c.setdefault("kv", {})[knob[3:]] = _KV_DEFAULTS[knob[3:]]
+            c.setdefault("kv", {})[knob[3:]] = _kv_default(p, knob[3:])
         else:
             c[knob] = node_of(_DEFAULTS[knob])
 
@@ -290,7 +295,7 @@ def _rewrite_attn_fixed(p: Point, c: dict[str, Any]) -> None:
 def _rewrite_no_grouping(p: Point, c: dict[str, Any]) -> None:
     c["method"]["group_size"] = None
     if "grouping" in c:
-        c["grouping"] = node_of(_DEFAULTS["grouping"])
+        c["grouping"] = {"_target_": "kvq.quant.Grouping", "size": None}
 
 
 def _rewrite_no_outliers(p: Point, c: dict[str, Any]) -> None:
@@ -394,7 +399,7 @@ RULES: list[Rule] = [
             f"method=none stores K/V unquantized, so {', '.join(_ignored_changed(p))} do not change it: "
             "the same experiment as the baseline with default axes"
         ),
-        "run method=none with the defaults (bits=b4 grouping=none granularity=layer, default kv.*)",
+        "run method=none with the defaults (bits=b4 grouping=g64 granularity=layer, default kv.*)",
         rewrite=_reset_ignored,
     ),
     Rule(
@@ -427,7 +432,11 @@ RULES: list[Rule] = [
             f"bits=attn with bits.n_min = bits.n_max = {p.bits.n_max} gives every unit {p.bits.n_max} bits: "
             f"the same experiment as fixed bits (b{p.bits.n_max})"
         ),
-        lambda p: f"use bits=b{p.bits.n_max}, or widen [bits.n_min, bits.n_max]",
+        lambda p: (
+            f"use bits=b{p.bits.n_max}"
+            + (" kv.key_axis=token" if p.kv.key_axis == "token" else "")
+            + ", or widen [bits.n_min, bits.n_max]"
+        ),
         rewrite=_rewrite_attn_fixed,
     ),
     Rule(

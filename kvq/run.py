@@ -40,6 +40,7 @@ from kvq.experiment import (
     experiment_config,
     identity,
     make_point,
+    resolve_key_axis,
     run_name,
     unknown_keys,
 )
@@ -248,6 +249,7 @@ def _run(cfg: DictConfig, out_dir: Path | None) -> float:
         if bad:
             raise MalformedConfig("; ".join(bad))
         point = make_point(cfg, meta)
+        _record_key_axis(resolved, cfg, point)
         report: Report = validate(cfg, meta, point)
         if not report.ok:  # validated before the store is asked: a verdict never answers for a result
             tracked = tracker.start(out_dir, name, resolved, [*tags, "skipped"])
@@ -332,6 +334,17 @@ def _run(cfg: DictConfig, out_dir: Path | None) -> float:
             if record["status"] == "failed":
                 tracked.summary({"status": "failed", "fail_reason": record["reason"]})
             tracked.finish(exit_code=0 if record["status"] in ("ok", "skipped") else 1)
+
+
+def _record_key_axis(resolved: dict[str, Any], cfg: DictConfig, point: Any) -> None:
+    """Write what ``kv.key_axis=auto`` resolved to into the run's recorded config (result.json,
+    W&B) and say it once."""
+    if OmegaConf.select(cfg, "kv.key_axis") != "auto" or point.kv is None:
+        return
+    axis, why = resolve_key_axis(point)
+    resolved.setdefault("kv", {})["key_axis"] = axis
+    if getattr(point.method, "quantizes", False):
+        print(f"kvq: kv.key_axis=auto -> {axis} ({why})")
 
 
 def _skip(record: dict[str, Any], tracked: Any, name: str, reason: str) -> float:

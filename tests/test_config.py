@@ -66,7 +66,8 @@ def test_compose_and_instantiate_every_option(compose, group: str, option: str) 
 def test_defaults(compose) -> None:
     cfg = compose()
     assert cfg.method._target_ == "kvq.quant.UniformQuantizer"
-    assert cfg.bits.key_bits == 4 and cfg.grouping.size is None
+    assert cfg.bits.key_bits == 4 and cfg.grouping.size == 64
+    assert cfg.kv.key_axis == "auto" and cfg.kv.key_group == 64
     assert cfg.model._target_ == "kvq.models.SmolLM2Embedded"
     assert cfg.data._target_ == "kvq.data.PyDoc" and cfg.eval._target_ == "kvq.protocols.FakeQuant"
     assert cfg.logger._target_ == "kvq.tracking.WandbTracker"

@@ -10,7 +10,7 @@ import pytest
 
 from kvq.results import read_result
 from kvq.run import run
-from kvq.validate import validate
+from kvq.validate import experiment_key, validate
 
 #: preset -> its bound on kv/bits_per_element on SmolLM2 (what its YAML promises)
 PRESETS = {"kvq4": 4.5, "kvq3": 3.0, "kvq2": 2.5}
@@ -32,6 +32,16 @@ def test_preset_composes_to_its_axes(compose, preset: str) -> None:
         assert cfg.bits.avg <= PRESETS[preset] and cfg.kv.pre_rope
         assert cfg.rotation._target_ == "kvq.quant.HadamardRotation" and not cfg.rotation["keys"]
     assert validate(cfg).ok, validate(cfg).lines()
+
+
+def test_the_default_run_is_kvq4(compose) -> None:
+    """The default ``python train_eval.py`` is the strong 4.5-bit layout: the same experiment as
+    ``+experiment=kvq4`` (per-channel keys in groups of 64, values in groups of 64)."""
+    from kvq.experiment import make_point
+
+    p = make_point(compose())
+    assert (p.kv.key_axis, p.kv.key_group, p.grouping.size, p.method.group_size) == ("channel", 64, 64, 64)
+    assert experiment_key(compose()) == experiment_key(compose(["+experiment=kvq4"]))
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

@@ -62,8 +62,15 @@ def no_model_load(monkeypatch):
     [
         (["method=adaptive", "bits=attn", "bits.n_min=4", "bits.n_max=4"], ["method=adaptive", "bits=b4"]),
         (
-            ["method=uniform", "bits=attn", "bits.n_min=4", "bits.n_max=4", "kv.key_axis=channel"],
-            ["bits=b4", "kv.key_axis=channel"],
+            [
+                "method=uniform",
+                "bits=attn",
+                "bits.n_min=4",
+                "bits.n_max=4",
+                "kv.key_axis=channel",
+                "kv.key_group=16",
+            ],
+            ["bits=b4", "kv.key_axis=channel", "kv.key_group=16"],
         ),
         (["method=none", "granularity=token"], ["method=none"]),
     ],

@@ -86,20 +86,21 @@ def test_invalid_combination_is_dropped_before_launch(multirun, tmp_path: Path, 
 
 
 def test_duplicates_are_dropped_keeping_the_canonical_one(multirun, tmp_path: Path, capsys) -> None:
-    # tiny_random: 32-feature layer units, so g32 and g128 are grouping=none; method=none ignores them
-    _, seen, dropped, _ = multirun([*TINY, "grouping=g128,none,g32", "method=none,uniform"])
+    # tiny_random: 32-feature layer units, so g32 and g64 are grouping=none; method=none ignores
+    # them (its canonical form has the default grouping, g64)
+    _, seen, dropped, _ = multirun([*TINY, "grouping=g64,none,g32", "method=none,uniform"])
     assert sorted(_choices(c) for c in seen) == [
-        ("FullPrecision", "FixedBits", "None"),
+        ("FullPrecision", "FixedBits", "64"),
         ("UniformQuantizer", "FixedBits", "None"),
     ]
     assert [(d["index"], d["status"]) for d in dropped] == [
-        (0, "duplicate"),
         (1, "duplicate"),
+        (2, "duplicate"),
         (4, "duplicate"),
         (5, "duplicate"),
     ]
-    assert dropped[0]["reason"].startswith("same experiment as #2 -- baseline-variant: ")
-    assert dropped[1]["reason"].startswith("same experiment as #3 -- group-covers-unit: grouping size 128")
+    assert dropped[0]["reason"].startswith("same experiment as #3 -- group-covers-unit: grouping size 64")
+    assert dropped[1]["reason"].startswith("same experiment as #0 -- baseline-variant: ")
     assert "6 combinations -> 2 jobs to launch, 4 dropped (0 invalid, 4 duplicate)" in capsys.readouterr().out
 
 

@@ -215,9 +215,10 @@ def test_model_aware_context_and_outliers(compose) -> None:
     rep = validate(compose([*TINY, "data.seq_len=4096"]), TINY_META)
     assert rules_of(rep) == {"beyond-context"} and "2048" in rep.reason()
     # 0.05 of a 16-feature head: floor(0.4) = 0 outliers per side -> same as outlier_ratio=0
-    rep = validate(compose(["granularity=head", "kv.outlier_ratio=0.05"]), TINY_META)
+    head = ["granularity=head", "grouping=none"]
+    rep = validate(compose([*head, "kv.outlier_ratio=0.05"]), TINY_META)
     assert rep.ok and rules_of(rep) == {"outliers-round-to-zero"}
-    assert validate(compose(["granularity=head", "kv.outlier_ratio=0.2"]), TINY_META).violations == []
+    assert validate(compose([*head, "kv.outlier_ratio=0.2"]), TINY_META).violations == []
 
 
 @pytest.mark.parametrize("peer", ["hf_quanto", "hf_hqq"])
@@ -249,19 +250,63 @@ def test_key_axis_rules(compose) -> None:
     rep = validate(compose(["eval=prefill", "granularity=token", "kv.key_axis=channel"]))
     assert rules_of(rep) == {"key-channel-token"}
     assert validate(compose(["kv.key_axis=channel", "kv.key_group=16"])).violations == []
-    rep = validate(compose(["kv.key_group=16"]))  # ignored with key_axis=token
+    rep = validate(compose(["kv.key_axis=token", "kv.key_group=16"]))  # ignored with key_axis=token
     assert rep.ok and rules_of(rep) == {"key-group-unused"}
-    assert experiment_key(compose(["kv.key_group=16"])) == experiment_key(compose([]))
+    token = experiment_key(compose(["kv.key_axis=token"]))
+    assert experiment_key(compose(["kv.key_axis=token", "kv.key_group=16"])) == token
     assert experiment_key(compose(["kv.key_axis=channel", "kv.key_group=16"])) != experiment_key(
         compose(["kv.key_axis=channel"])
     )
     assert rules_of(validate(compose(["method=none", "kv.pre_rope=true"]))) == {"baseline-variant"}
 
 
+@pytest.mark.parametrize(
+    "overrides, axis",
+    [
+        ([], "channel"),  # the default: uniform b4, per-channel keys in groups of 64
+        (["method=adaptive", "grouping=g128"], "channel"),
+        (["bits=budget"], "channel"),
+        (["bits=attn"], "token"),  # per-token key widths
+        (["bits=attn", "bits.fixed_key_bits=4"], "channel"),
+        (["eval=prefill", "granularity=token"], "token"),
+        (["method=none"], "token"),
+        (["method=hf_quanto", "eval=prefill"], "token"),  # its own cache
+        (["data.seq_len=48"], "token"),  # the cache never holds a whole key group of 64
+        (["data.seq_len=48", "kv.key_group=16"], "channel"),
+    ],
+)
+def test_auto_key_axis_resolves_per_point(compose, overrides: list[str], axis: str) -> None:
+    from kvq.experiment import make_point, resolve_key_axis
+
+    cfg = compose(overrides)
+    assert cfg.kv.key_axis == "auto"
+    p = make_point(cfg)
+    assert p.kv.key_axis == axis == resolve_key_axis(p)[0]
+    rep = validate(cfg)
+    assert rep.ok, rep.reason()
+    assert not {"attn-channel-keys", "key-channel-token", "nothing-quantized", "baseline-variant"} & rules_of(
+        rep
+    )
+    # auto and the axis it resolves to are one experiment; the other axis is another one
+    assert experiment_key(cfg) == experiment_key(compose([*overrides, f"kv.key_axis={axis}"]))
+    if axis == "channel":
+        assert experiment_key(cfg) != experiment_key(compose([*overrides, "kv.key_axis=token"]))
+
+
+def test_explicit_key_axis_is_never_changed(compose) -> None:
+    # an explicit channel where it cannot apply is refused, not silently turned into token
+    assert rules_of(validate(compose(["bits=attn", "kv.key_axis=channel"]))) == {"attn-channel-keys"}
+    assert rules_of(validate(compose(["data.seq_len=48", "kv.key_axis=channel"]))) == {"nothing-quantized"}
+    assert rules_of(validate(compose(["kv.key_axis=bogus"]))) == {"values"}
+
+
 def test_attn_with_equal_bounds_is_fixed_bits(compose) -> None:
     a = compose(["bits=attn", "bits.n_min=4", "bits.n_max=4"])
     assert rules_of(validate(a)) == {"attn-fixed"}
-    assert experiment_key(a) == experiment_key(compose(["bits=b4"]))
+    # bits=attn's default key axis is per token (kv.key_axis=auto), so it repeats b4 with token keys
+    assert experiment_key(a) == experiment_key(compose(["bits=b4", "kv.key_axis=token"]))
+    assert experiment_key(a) != experiment_key(compose(["bits=b4"]))
+    assert "kv.key_axis=token" in validate(a).duplicates[0].fix
     assert experiment_key(compose(["bits.value_bits=4"])) == experiment_key(compose(["bits=b4"]))
 
 
@@ -275,7 +320,7 @@ def test_experiment_key_maps_duplicates_together(compose) -> None:
     for extra in (["logger=wandb"], ["accelerator=cpu"], ["cache_dir=/x"], ["results_dir=/r", "reuse=false"]):
         assert k(compose([*TINY, "method=none", *extra])) == k(base), extra
     # model-aware: g64 covers a 64-feature head of SmolLM2 but not a 128-feature Llama head
-    g64, none = compose(["grouping=g64", "granularity=head"]), compose(["granularity=head"])
+    g64, none = compose(["grouping=g64", "granularity=head"]), compose(["grouping=none", "granularity=head"])
     assert k(g64, SMOL_META) == k(none, SMOL_META)
     assert k(g64, LLAMA3_META) != k(none, LLAMA3_META)
     assert k(g64) != k(none)  # without the shape: not known to be the same

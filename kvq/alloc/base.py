@@ -44,6 +44,9 @@ class BitAllocator(Protocol):
     """A ``bits`` config node: fixed or attention-aware."""
 
     needs_attention: bool
+    #: gives each token (and head) its own key width: keys need a per-token unit
+    #: (``kv.key_axis=token``; ``auto`` resolves to it)
+    per_token_keys: bool
 
     def max_bits(self) -> int: ...
 
@@ -61,6 +64,7 @@ class FixedBits:
     value_bits: int | None = None
 
     needs_attention = False
+    per_token_keys = False
 
     def __post_init__(self) -> None:
         check_bits(self.key_bits, "bits.key_bits")

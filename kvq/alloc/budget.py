@@ -117,6 +117,7 @@ class BudgetBits:
 
     needs_attention = False
     needs_calibration = True
+    per_token_keys = False
 
     plan_widths: dict[tuple[int, str], int] = field(
         default_factory=dict, init=False, repr=False, compare=False

@@ -203,6 +203,11 @@ class AttentionAwareBits:
 
     needs_attention = True
 
+    @property
+    def per_token_keys(self) -> bool:
+        """Keys get per-token widths unless ``fixed_key_bits`` fixes them."""
+        return self.fixed_key_bits is None
+
     def __post_init__(self) -> None:
         check_bits(self.n_min, "bits.n_min")
         check_bits(self.n_max, "bits.n_max")

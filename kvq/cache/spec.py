@@ -18,6 +18,7 @@ from kvq.quant.base import Quantizer
 
 __all__ = [
     "KEY_AXES",
+    "KEY_AXIS_OPTIONS",
     "KINDS",
     "CacheKnobs",
     "KVQuantSpec",
@@ -27,6 +28,9 @@ __all__ = [
 ]
 
 KEY_AXES: tuple[str, ...] = ("token", "channel")
+#: the ``kv.key_axis`` values a config may give: a key axis, or ``auto`` (resolved per point by
+#: :func:`kvq.experiment.resolve_key_axis`: per-channel key groups wherever the point can use them)
+KEY_AXIS_OPTIONS: tuple[str, ...] = (*KEY_AXES, "auto")
 KINDS: tuple[Kind, Kind] = ("key", "value")
 
 
@@ -81,14 +85,15 @@ class CacheKnobs:
         """These knobs by name (to build a :class:`KVQuantSpec` from a :class:`KVSettings`)."""
         return {f.name: getattr(self, f.name) for f in fields(CacheKnobs)}
 
-    def _check_knobs(self, prefix: str) -> None:
-        """One-line ValueErrors, the option named with ``prefix`` (``kv.`` for the config node)."""
+    def _check_knobs(self, prefix: str, axes: tuple[str, ...] = KEY_AXES) -> None:
+        """One-line ValueErrors, the option named with ``prefix`` (``kv.`` for the config node);
+        ``axes``: the key axes allowed."""
         for name in ("residual", "sinks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{prefix}{name} must be a non-negative integer, got {v!r}")
-        if self.key_axis not in KEY_AXES:
-            raise ValueError(f"{prefix}key_axis must be one of {', '.join(KEY_AXES)}, got {self.key_axis!r}")
+        if self.key_axis not in axes:
+            raise ValueError(f"{prefix}key_axis must be one of {', '.join(axes)}, got {self.key_axis!r}")
         if isinstance(self.key_group, bool) or not isinstance(self.key_group, int) or self.key_group < 1:
             raise ValueError(
                 f"{prefix}key_group must be a positive integer (tokens per key group), got {self.key_group!r}"
@@ -110,12 +115,18 @@ class KVSettings(CacheKnobs):
     Args:
         outlier_ratio: fraction of each unit kept in full precision as outliers, in ``[0, 0.5)``
             (applied to the method's quantizer).
+        key_axis: as in :class:`CacheKnobs`, or ``auto`` (the default): ``channel`` wherever
+            the point can quantize keys per channel, ``token`` otherwise
+            (:func:`kvq.experiment.resolve_key_axis`; the run records the resolved axis).
+        key_group: tokens per key group with ``key_axis=channel`` (default 64).
     """
 
+    key_axis: str = "auto"
+    key_group: int = 64
     outlier_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        self._check_knobs("kv.")
+        self._check_knobs("kv.", KEY_AXIS_OPTIONS)
         if not 0.0 <= float(self.outlier_ratio) < 0.5:
             raise ValueError(f"kv.outlier_ratio must be in [0, 0.5), got {self.outlier_ratio}")
 
