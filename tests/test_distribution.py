@@ -19,6 +19,7 @@ from kvq.reference import (
     REFERENCE_DIR,
     Reference,
     distribution_metrics,
+    log_partition,
     paired_interval,
     window_digest,
 )
@@ -76,6 +77,19 @@ def test_kl_grows_as_bits_shrink_and_agreement_falls(tiny_model, tmp_path: Path)
         assert m["test/delta_ppl_pct_lo"] <= d <= m["test/delta_ppl_pct_hi"]
     assert 0 < kl[8] < kl[4] < kl[2]
     assert agree[8] >= agree[4] >= agree[2] and agree[2] < 1
+
+
+@pytest.mark.parametrize("shape", [(511, 49152), (3, 1 << 22), (0, 7), (5, 11)])
+def test_log_partition_is_torch_logsumexp_bit_for_bit(shape: tuple[int, int]) -> None:
+    """The blocked CPU log-partition (the scored windows' hot spot) changes no digit: a row's
+    value does not depend on which rows share its block."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(*shape, generator=g) * 4
+    want = torch.logsumexp(z, dim=-1)
+    got = log_partition(z)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert torch.equal(got, want)
+    assert torch.equal(log_partition(z.to(torch.bfloat16)), torch.logsumexp(z.to(torch.bfloat16).float(), -1))
 
 
 def test_paired_interval_is_paired_and_brackets_the_estimate() -> None:

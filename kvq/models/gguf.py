@@ -9,6 +9,7 @@ transformers cannot build falls back to reading the header keys with ``gguf.GGUF
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 from dataclasses import dataclass, field
@@ -99,15 +100,23 @@ def _meta_from_reader(path: str, name: str) -> ModelMeta:
     )
 
 
-@functools.lru_cache(maxsize=16)
-def _gguf_meta_cached(path: str, size: int, mtime_ns: int) -> ModelMeta:
-    """The meta of a GGUF file (cached on path, size and mtime)."""
+@functools.lru_cache(maxsize=4)
+def _gguf_config_cached(path: str, size: int, mtime_ns: int) -> Any:
+    """The transformers config of a GGUF file (cached on path, size and mtime: parsing the
+    metadata reads every tokenizer entry, seconds for a 49k vocabulary). Callers copy it."""
     from transformers import AutoConfig
 
     full = Path(path)
+    return AutoConfig.from_pretrained(str(full.parent), gguf_file=full.name)
+
+
+@functools.lru_cache(maxsize=16)
+def _gguf_meta_cached(path: str, size: int, mtime_ns: int) -> ModelMeta:
+    """The meta of a GGUF file (cached on path, size and mtime)."""
+    full = Path(path)
     name = full.name.removesuffix(".gguf")
     try:
-        config = AutoConfig.from_pretrained(str(full.parent), gguf_file=full.name)
+        config = _gguf_config_cached(path, size, mtime_ns)
     except Exception as err:  # noqa: BLE001 -- e.g. an architecture transformers cannot build
         try:
             return _meta_from_reader(path, name)
@@ -199,9 +208,14 @@ class GGUFModel:
         extra: dict[str, Any] = {}
         if attn_implementation is not None:
             extra["attn_implementation"] = attn_implementation
+        stat = full.stat()
         try:
+            # the config the meta was read from (one metadata parse fewer); a copy: loading sets fields
+            config = copy.deepcopy(_gguf_config_cached(str(full), stat.st_size, stat.st_mtime_ns))
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype, **extra)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, gguf_file=name, config=config, dtype=dtype, **extra
+            )
         except Exception as err:  # noqa: BLE001 -- one line naming the file
             raise ModelUnavailableError(
                 f"cannot load GGUF file {str(full)!r} with transformers: {type(err).__name__}: "

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kvq.memory import kv_figures, measured
 from kvq.protocols.setup import KVSetup
-from kvq.reference import distribution_metrics
+from kvq.reference import distribution_metrics, log_partition
 
 __all__ = [
     "Batches",
@@ -91,7 +91,7 @@ def nll_and_lse(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, tor
     and each position's log-partition ``[B * t]`` (float32), computed once for the nll and the KL
     against the fp reference (:func:`kvq.reference.summary_stats`)."""
     z = logits.detach().reshape(-1, logits.shape[-1]).float()
-    lse = torch.logsumexp(z, dim=-1)
+    lse = log_partition(z)
     picked = z.gather(1, targets.reshape(-1, 1).to(z.device)).squeeze(1)
     return float((lse - picked).sum(dtype=torch.float64)), lse
 
