@@ -31,6 +31,8 @@ def test_preset_composes_to_its_axes(compose, preset: str) -> None:
         assert cfg.method._target_ == "kvq.quant.NUQQuantizer" and cfg.bits._target_ == "kvq.alloc.BudgetBits"
         assert cfg.bits.avg <= PRESETS[preset] and cfg.kv.pre_rope
         assert cfg.rotation._target_ == "kvq.quant.HadamardRotation" and not cfg.rotation["keys"]
+        # kvq3's key codebooks are plain k-means (Fisher-weighted ones lost on every text measured)
+        assert cfg.method.key_weighting == ("uniform" if preset == "kvq3" else "fisher")
     assert validate(cfg).ok, validate(cfg).lines()
 
 
