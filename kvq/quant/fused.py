@@ -5,17 +5,18 @@ ops) is the reference. For the built-in methods (``uniform``, ``normal``, ``adap
 computation runs as one kernel per block of rows, on two backends:
 
 * CPU tensors: C kernels (``fused_kernels.c`` beside this module) for all three methods;
-* CUDA tensors: Triton kernels (:mod:`kvq.quant.fused_triton`) for ``uniform`` (asymmetric and
-  symmetric) and ``normal`` encode and decode, and ``adaptive`` decode (adaptive encode runs the
-  eager op chain on the GPU). Used where ``triton`` imports (the ``gpu`` extra); elsewhere the
-  eager path runs, and the reason is logged once at debug level.
+* CUDA tensors: Triton kernels (:mod:`kvq.quant.fused_triton`) for the same three methods,
+  encode and decode. Used where ``triton`` imports (the ``gpu`` extra); elsewhere the eager path
+  runs, and the reason is logged once at debug level (a kernel that raises -- a GPU Triton does
+  not target -- logs a warning and turns the Triton path off for the process).
 
 On both, every float operation is the one the reference performs, in the same order, so the codes
 and fp16 metadata are identical byte for byte and decoded values are identical too: the C kernels
 are checked by ``tests/quant/test_fused.py`` over the method matrix, all widths, groupings,
 outliers and per-unit widths; the Triton kernels by ``tests/quant/test_fused_triton.py`` over the
-same matrix in Triton's interpreter on CPU tensors, bit for bit (a real-GPU check is marked
-``gpu``). Large CPU blocks are split over ``torch.get_num_threads()`` threads.
+same matrix in Triton's interpreter on CPU tensors, bit for bit (the real-GPU check, marked
+``gpu``, has not run yet: no GPU was lent). Large CPU blocks are split over
+``torch.get_num_threads()`` threads.
 
 The C kernels are compiled once per machine with the system C compiler (``cc -O3 -march=native``;
 1.3-5 s on the project's 2-core machine, depending on its load), cached on disk

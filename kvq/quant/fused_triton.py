@@ -1,40 +1,25 @@
 """Triton kernels of the fused path: the GPU counterpart of ``fused_kernels.c``.
 
-:mod:`kvq.quant.fused` routes CUDA tensors here (CPU tensors go to the C kernels). The kernels
-compute, for ``uniform`` (asymmetric and symmetric) and ``normal``, exactly what the eager
-reference of :mod:`kvq.quant.base` / :mod:`kvq.quant.methods` computes -- the same float
-operations in the same order, each correctly rounded -- so the packed codes and the fp16 metadata
-are identical byte for byte and decoded values identical too:
-
-* IEEE division and square root (``tl.math.div_rn`` / ``sqrt_rn``), no FMA contraction (every
-  launch passes ``enable_fp_fusion=False``);
-* group sums in the reference's pairwise order (:func:`kvq.quant.base.tree_sum`: halves added);
-* round half to even from ``floor`` (exact for the clamped codes, ``0 <= v <= 255``), the fp16
-  round-down / round-up of :func:`~kvq.quant.base.fp16_round_down` as fp16 bit steps;
-* bf16 read and written by bits, rounded to nearest even as torch rounds (Triton's interpreter
-  does not round fp32 -> bf16 to even).
-
-Decoding covers ``adaptive`` too (a codebook lookup); adaptive *encoding* stays on the eager path
-on a GPU: its fit sorts every group and sums the sorted values sequentially in float64 as torch's
-CPU ``cumsum`` does (a parallel scan rounds differently), then searches ``2**bits`` levels per
-Lloyd step -- a kernel of its own that this module does not have yet.
+:mod:`kvq.quant.fused` routes CUDA tensors here (CPU tensors go to the C kernels). For ``uniform``
+(asymmetric and symmetric), ``normal`` and ``adaptive`` the kernels repeat the eager reference's
+float operations (:mod:`kvq.quant.base`, :mod:`kvq.quant.methods`) in its order, each correctly
+rounded, so packed codes, fp16 metadata and decoded values are identical bit for bit: IEEE
+division and square root (``div_rn`` / ``sqrt_rn``), no FMA contraction (``enable_fp_fusion=False``
+at every launch), sums in :func:`~kvq.quant.base.tree_sum`'s order, round half to even from
+``floor`` (exact on the clamped codes), fp16 round-down/up as bit steps, bf16 read and rounded by
+its bits as torch does; adaptive sorts each group by its integer keys (``_sort_groups``' order) and
+accumulates the prefix sums left to right in float64 as torch's CPU ``cumsum`` does.
 
 Where a kernel does not apply, :func:`encode` returns ``None`` / :func:`decode` ``False`` and the
-eager reference runs: a value that is not finite or beyond ``1e30`` (the C kernels' rule), a
-group whose fp16 metadata overflows (zero/scale/mean/std beyond fp16: the reference's codes are
-then casts of NaN), a group wider than :data:`MAX_GROUP` features, another dtype.
+eager reference runs: a value not finite or beyond ``1e30`` (the C kernels' rule), fp16 metadata
+that overflows (the reference's codes are then casts of NaN), a group wider than
+:data:`MAX_GROUP`, another dtype. Codes are packed as :mod:`kvq.quant.packing` packs them, in the
+kernel where every group starts at a multiple of 8 codes, else by a second kernel.
 
-Codes layout (:mod:`kvq.quant.packing`): the codes of a part form one flat stream of ``n * D``
-codes; every 8 codes are a little-endian bit string of ``8 * bits`` bits (code ``j`` at bit
-``j * bits``) stored as ``bits`` bytes. Where every group starts at a multiple of 8 codes
-(``D % 8 == 0`` and ``group % 8 == 0``) the encoder packs in the kernel; otherwise it writes one
-byte per code and a second kernel packs them.
-
-Verified bit for bit against the eager reference in Triton's interpreter on CPU tensors
-(``tests/quant/test_fused_triton.py``, through :func:`interpreted`): every method of the shared
-matrix, widths 1..8, groupings none / dividing / leaving a smaller last group, outliers, per-unit
-widths, fp32/fp16/bf16 inputs and outputs, odd row counts. The test that a CUDA encode equals
-the CPU one bit for bit is marked ``gpu`` and waits for a machine with one.
+Verified in Triton's interpreter on CPU tensors, bit for bit against the eager reference
+(``tests/quant/test_fused_triton.py`` through :func:`interpreted`: the method matrix, widths 1..8,
+groupings, outliers, per-unit widths, fp32/fp16/bf16, odd shapes). Its ``gpu`` test (CUDA against
+the CPU reference) has not run yet: no GPU was lent so far.
 """
 
 from __future__ import annotations
@@ -45,7 +30,7 @@ import importlib.util
 import os
 import sys
 import types
-from collections.abc import Iterator
+from unittest import mock
 
 import numpy as np
 import torch
@@ -70,11 +55,9 @@ _TINY = tl.constexpr(2.0**-24)  # smallest positive fp16 (subnormal)
 
 
 # ------------------------------------------------------------------ device helpers
-# The kernels call only Triton builtins and this module's own jit functions -- no jit function of
-# ``triton.language.standard`` (``tl.max``, ``tl.sum``, ...): those were decorated when Triton was
-# imported, compiled in a normal process, and the interpreted copy (:func:`interpreted`) could not
-# call them. Reductions go through ``tl.reduce`` with the standard combine functions, which the
-# interpreter recognises and runs in NumPy.
+# Only Triton builtins and this module's jit functions: those of ``triton.language.standard``
+# (``tl.max``, ``tl.sum``, ...) are compiled in a normal process, and the interpreted copy could
+# not call them. ``tl.reduce`` with the standard combine functions runs in NumPy there.
 @triton.jit
 def _max(x, axis: tl.constexpr):
     return tl.reduce(x, axis, tl.standard._elementwise_max)
@@ -171,51 +154,135 @@ def _pack8(c, BITS: tl.constexpr, AXIS: tl.constexpr):
     return _isum(c.to(tl.int64) << (j * BITS).to(tl.int64), AXIS)
 
 
-# ------------------------------------------------------------------ kernels
+# fmt: off
 @triton.jit
-def _encode_kernel(
-    x_ptr,
-    keep_ptr,
-    tab_ptr,
-    m0_ptr,
-    m1_ptr,
-    out_ptr,
-    bad_ptr,
-    S,
-    D,
-    g,
-    G,
-    XDT: tl.constexpr,
-    METHOD: tl.constexpr,
-    SYM: tl.constexpr,
-    HAS_KEEP: tl.constexpr,
-    BITS: tl.constexpr,
-    P: tl.constexpr,
-    LOG_P: tl.constexpr,
-    BR: tl.constexpr,
-    PACK: tl.constexpr,
+def _store_codes(
+    codes, out_ptr, start, off, m, rmask, gs,
+    BR: tl.constexpr, P: tl.constexpr, BITS: tl.constexpr, PACK: tl.constexpr,
 ):
-    """``BR`` of the ``S = n * G`` groups (tile rows: group ``s`` is group ``s % G`` of unit
-    ``s // G``): metadata, codes and a flag for each.
+    # fmt: on
+    """Codes ``[BR, P]`` of groups starting at stream position ``start`` ``[BR]``: packed bytes
+    (``PACK``: every group starts at a whole block of 8 codes and holds whole blocks) or one
+    byte per code at ``off``."""
+    if PACK:
+        Q: tl.constexpr = P // 8
+        v = _pack8(tl.reshape(codes, [BR, Q, 8]), BITS, 2)  # [BR, Q]
+        blk = start[:, None] // 8 + tl.arange(0, Q)[None, :]
+        k = tl.arange(0, 8)
+        byte = (v[:, :, None] >> (8 * k).to(tl.int64)[None, None, :]) & 0xFF
+        bm = (rmask[:, None] & (tl.arange(0, Q)[None, :] * 8 < gs[:, None]))[:, :, None]
+        bm = bm & (k < BITS)[None, None, :]
+        tl.store(out_ptr + blk[:, :, None] * BITS + k[None, None, :], byte.to(tl.uint8), mask=bm)
+    else:
+        tl.store(out_ptr + off, codes.to(tl.uint8), mask=m)
 
-    ``x`` ``[n, D]``; ``keep`` uint8 ``[n, D]`` (``HAS_KEEP``); ``tab`` the normal boundaries
-    ``[2**BITS - 1]``; ``m0``/``m1`` int16 ``[n, G]`` fp16 bits; ``out`` the packed bytes
-    (``PACK``) or one byte per code ``[n * D]``; ``bad`` uint8 ``[n, G]`` (1: run the reference).
-    """
+
+@triton.jit
+def _flip(k):
+    """A float's int32 bits <-> a key in the float's order (-0 before +0; ``_sort_groups``' map,
+    its own inverse)."""
+    return k ^ ((k >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _sort_rows(x, BR: tl.constexpr, P: tl.constexpr, LOG_P: tl.constexpr):
+    """Each row of ``x`` ``[BR, P]`` in ascending order (a bitonic network: compare-exchange of
+    ``i`` and ``i ^ j``, ascending where bit ``k`` of ``i`` is clear)."""
+    for kk in tl.static_range(1, LOG_P + 1):
+        for jj in tl.static_range(kk):
+            j: tl.constexpr = (1 << kk) >> (jj + 1)
+            A: tl.constexpr = P // (2 * j)
+            a, b = tl.split(tl.permute(tl.reshape(x, [BR, A, 2, j]), [0, 1, 3, 2]))
+            up = ((tl.arange(0, A) * (2 * j)) & (1 << kk)) == 0
+            lo, hi = tl.minimum(a, b), tl.maximum(a, b)
+            first = tl.where(up[None, :, None], lo, hi)
+            second = tl.where(up[None, :, None], hi, lo)
+            x = tl.reshape(tl.permute(tl.join(first, second), [0, 1, 3, 2]), [BR, P])
+    return x
+
+
+@triton.jit
+def _count_le(srt, mid, BR: tl.constexpr, L: tl.constexpr, LOG_P: tl.constexpr):
+    """Per row, the number of ``srt`` ``[BR, P]`` (ascending) ``<= mid`` ``[BR, L]`` (searchsorted, right)."""
+    pos = tl.full([BR, L], 0, tl.int32)
+    for i in tl.static_range(LOG_P):
+        step: tl.constexpr = (1 << LOG_P) >> (i + 1)
+        pos = tl.where(tl.gather(srt, pos + (step - 1), 1) <= mid, pos + step, pos)
+    return tl.where(tl.gather(srt, pos, 1) <= mid, pos + 1, pos)
+
+
+@triton.jit
+def _shift(v, kk, by: tl.constexpr, L: tl.constexpr):
+    """``v[:, k - by]`` (clamped to ``[0, L)``) for every column ``k`` of ``v`` ``[BR, L]``."""
+    return tl.gather(v, tl.broadcast_to(tl.minimum(tl.maximum(kk - by, 0), L - 1), v.shape), 1)
+
+
+@triton.jit
+def _bins(p1, e_lo, e_hi):
+    """Sums (``p1[e_hi] - p1[e_lo]`` of the prefix sums ``p1[:, e - 1]``, 0 at ``e = 0``) and
+    counts of the runs ``[e_lo, e_hi)``."""
+    s_hi = tl.where(e_hi > 0, tl.gather(p1, tl.maximum(e_hi - 1, 0), 1), 0.0)
+    s_lo = tl.where(e_lo > 0, tl.gather(p1, tl.maximum(e_lo - 1, 0), 1), 0.0)
+    return s_hi - s_lo, (e_hi - e_lo).to(tl.float32)
+
+
+@triton.jit
+def _runs(srt, lv, nv, kk, BR: tl.constexpr, L: tl.constexpr, LOG_P: tl.constexpr):
+    """Run edges ``(e_lo, e_hi)`` ``[BR, L]`` of nearest-level coding with levels ``lv``: the
+    count of values ``<=`` each midpoint ``(lv[k + 1] + lv[k]) * 0.5``, ``0`` and ``nv`` around."""
+    mid = (_shift(lv, kk, -1, L) + lv) * 0.5
+    e_hi = tl.where(kk == L - 1, nv[:, None], _count_le(srt, mid, BR, L, LOG_P))
+    e_lo = tl.where(kk == 0, 0, _shift(e_hi, kk, 1, L))
+    return e_lo, e_hi
+
+
+@triton.jit
+def _fill_empty(lv, c, kk, BITS: tl.constexpr, L: tl.constexpr):
+    """Each empty bin takes the level of the last non-empty bin at or below it (a cummax of
+    indices by doubling steps)."""
+    idx = tl.where(c > 0, kk, 0)
+    for i in tl.static_range(BITS):
+        idx = tl.maximum(idx, _shift(idx, kk, 1 << i, L))
+    return tl.gather(lv, idx, 1)
+
+
+@triton.jit
+def _load_groups(x_ptr, keep_ptr, S, D, g, G, XDT: tl.constexpr, HAS_KEEP: tl.constexpr, P: tl.constexpr,
+                 BR: tl.constexpr):  # fmt: skip
+    """The program's ``BR`` of the ``S = n * G`` groups (group ``s``: group ``s % G`` of unit
+    ``s // G``) as tile rows ``[BR, P]``: ``(seg, size, row mask, mask, first code in the stream,
+    offsets, float32 values, validity, flag of a value not finite or beyond 1e30)``."""
     seg = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    cols = tl.arange(0, P)
     o = (seg % G) * g
-    gs = tl.minimum(D - o, g)  # [BR]
+    gs = tl.minimum(D - o, g)
     rmask = seg < S
-    m = rmask[:, None] & (cols[None, :] < gs[:, None])
-    start = (seg // G) * D + o  # the group's first code in the part's stream
-    off = start[:, None] + cols[None, :]
+    m = rmask[:, None] & (tl.arange(0, P)[None, :] < gs[:, None])
+    start = (seg // G) * D + o
+    off = start[:, None] + tl.arange(0, P)[None, :]
     x = _load_f32(x_ptr, off, m, XDT)
     if HAS_KEEP:  # noqa: SIM108 (a constexpr branch, as Triton kernels write them)
         valid = m & (tl.load(keep_ptr + off, mask=m, other=0) != 0)
     else:
         valid = m
-    bad = _max(tl.where(m & ~(tl.abs(x) <= _BIG), 1, 0), 1)  # also NaN
+    return seg, gs, rmask, m, start, off, x, valid, _max(tl.where(m & ~(tl.abs(x) <= _BIG), 1, 0), 1)
+
+
+# ------------------------------------------------------------------ kernels
+# fmt: off
+@triton.jit
+def _encode_kernel(
+    x_ptr, keep_ptr, tab_ptr, m0_ptr, m1_ptr, out_ptr, bad_ptr, S, D, g, G,
+    XDT: tl.constexpr, METHOD: tl.constexpr, SYM: tl.constexpr, HAS_KEEP: tl.constexpr, BITS: tl.constexpr,
+    P: tl.constexpr, LOG_P: tl.constexpr, BR: tl.constexpr, PACK: tl.constexpr,
+):
+    # fmt: on
+    """Uniform or normal: metadata, codes and a flag for ``BR`` groups (:func:`_load_groups`).
+
+    ``x`` ``[n, D]``; ``keep`` uint8 ``[n, D]`` (``HAS_KEEP``); ``tab`` the normal boundaries
+    ``[2**BITS - 1]``; ``m0``/``m1`` int16 ``[n, G]`` fp16 bits; ``out`` the packed bytes
+    (``PACK``) or one byte per code ``[n * D]``; ``bad`` uint8 ``[n, G]`` (1: run the reference).
+    """
+    seg, gs, rmask, m, start, off, x, valid, bad = _load_groups(x_ptr, keep_ptr, S, D, g, G, XDT, HAS_KEEP, P, BR)
     if METHOD == 0:
         top: tl.constexpr = ((1 << BITS) - 1) * 1.0
         mn = _min(tl.where(valid, x, float("inf")), 1)
@@ -251,23 +318,83 @@ def _encode_kernel(
             t = tl.load(tab_ptr + codes + (step - 1))
             codes = tl.where(t < z, codes + step, codes)
     bad = bad | (_overflows(h0) | _overflows(h1)).to(tl.int32)
-    at = seg
-    tl.store(bad_ptr + at, bad.to(tl.uint8), mask=rmask)
-    tl.store(m0_ptr + at, h0.to(tl.int16), mask=rmask)
+    tl.store(bad_ptr + seg, bad.to(tl.uint8), mask=rmask)
+    tl.store(m0_ptr + seg, h0.to(tl.int16), mask=rmask)
     if METHOD != 0 or not SYM:
-        tl.store(m1_ptr + at, h1.to(tl.int16), mask=rmask)
-    if PACK:  # the group starts at a whole block of 8 codes and holds whole blocks
-        Q: tl.constexpr = P // 8
-        v = _pack8(tl.reshape(codes, [BR, Q, 8]), BITS, 2)  # [BR, Q]
-        blk = start[:, None] // 8 + tl.arange(0, Q)[None, :]
-        k = tl.arange(0, 8)
-        byte = (v[:, :, None] >> (8 * k).to(tl.int64)[None, None, :]) & 0xFF
-        bm = (rmask[:, None] & (tl.arange(0, Q)[None, :] * 8 < gs[:, None]))[:, :, None] & (k < BITS)[
-            None, None, :
-        ]
-        tl.store(out_ptr + blk[:, :, None] * BITS + k[None, None, :], byte.to(tl.uint8), mask=bm)
-    else:
-        tl.store(out_ptr + off, codes.to(tl.uint8), mask=m)
+        tl.store(m1_ptr + seg, h1.to(tl.int16), mask=rmask)
+    _store_codes(codes, out_ptr, start, off, m, rmask, gs, BR, P, BITS, PACK)
+
+
+# fmt: off
+@triton.jit
+def _adaptive_kernel(
+    x_ptr, keep_ptr, lin_ptr, cb_ptr, out_ptr, bad_ptr, S, D, g, G,
+    XDT: tl.constexpr, HAS_KEEP: tl.constexpr, BITS: tl.constexpr, ITERS: tl.constexpr,
+    P: tl.constexpr, LOG_P: tl.constexpr, BR: tl.constexpr, PACK: tl.constexpr,
+):
+    # fmt: on
+    """``AdaptiveQuantizer._fit_assign`` for ``BR`` groups (:func:`_load_groups`).
+
+    The group's values sorted by their integer keys (as ``_sort_groups``), prefix sums taken left
+    to right in float64 (as torch's CPU ``cumsum``), the quantile and min-max codebooks, the
+    better one, ``ITERS`` Lloyd steps, fp16 codebook ``cb`` int16 ``[n, G, 2**BITS]`` and codes
+    (the number of its midpoints below a value; outliers ``2**BITS - 1``). ``lin`` is
+    ``linspace(0, 1, 2**BITS)``.
+    """
+    L: tl.constexpr = 1 << BITS
+    seg, gs, rmask, m, start, off, x, valid, bad = _load_groups(x_ptr, keep_ptr, S, D, g, G, XDT, HAS_KEEP, P, BR)
+    cols = tl.arange(0, P)
+    kk = tl.arange(0, L)[None, :]
+    nv = _isum(valid.to(tl.int32), 1)  # [BR]
+    keys = _sort_rows(tl.where(valid, _flip(x.to(tl.int32, bitcast=True)), 0x7F800000), BR, P, LOG_P)
+    srt = _flip(keys).to(tl.float32, bitcast=True)  # ascending, invalid entries (+inf) last
+    # p1[:, j] = float32(sum of srt[:, :j + 1]), accumulated left to right in float64
+    p1 = tl.full([BR, P], 0.0, tl.float32)
+    acc = tl.full([BR, 1], 0.0, tl.float64)
+    for j in range(P):
+        acc = acc + tl.gather(srt, tl.full([BR, 1], 0, tl.int32) + j, 1).to(tl.float64)
+        p1 = tl.where(cols[None, :] == j, acc.to(tl.float32), p1)
+    # 1. the quantile codebook: rank i goes to bin floor(i L / nv)
+    e_hi = ((kk + 1) * nv[:, None] + (L - 1)) >> BITS
+    e_lo = (kk * nv[:, None] + (L - 1)) >> BITS
+    s1, c = _bins(p1, e_lo, e_hi)
+    quant = _fill_empty(tl.where(c > 0, tl.math.div_rn(s1, tl.maximum(c, 1.0)), 0.0), c, kk, BITS, L)
+    # the min-max grid
+    has = nv > 0
+    mn = tl.where(has, tl.reshape(tl.gather(srt, tl.full([BR, 1], 0, tl.int32), 1), [BR]), 0.0)
+    last = tl.reshape(tl.gather(srt, tl.maximum(nv - 1, 0)[:, None], 1), [BR])
+    mx = tl.where(has, last, 0.0)
+    grid = mn[:, None] + (mx - mn)[:, None] * tl.load(lin_ptr + kk)
+    # the candidate with the lower squared error (up to the group's constant)
+    lo_q, hi_q = _runs(srt, quant, nv, kk, BR, L, LOG_P)
+    sq, cq = _bins(p1, lo_q, hi_q)
+    lo_g, hi_g = _runs(srt, grid, nv, kk, BR, L, LOG_P)
+    sg, cg = _bins(p1, lo_g, hi_g)
+    ex_q = _tree_sum(quant * (cq * quant - 2.0 * sq), BR, L, BITS)
+    ex_g = _tree_sum(grid * (cg * grid - 2.0 * sg), BR, L, BITS)
+    pick = (ex_q <= ex_g)[:, None]
+    lv = tl.where(pick, quant, grid)
+    s1 = tl.where(pick, sq, sg)
+    c = tl.where(pick, cq, cg)
+    # 2. Lloyd steps (the chosen candidate's runs are the first step's partition)
+    for step in tl.static_range(ITERS):
+        if step > 0:
+            e_lo, e_hi = _runs(srt, lv, nv, kk, BR, L, LOG_P)
+            s1, c = _bins(p1, e_lo, e_hi)
+        lv = _fill_empty(tl.where(c > 0, tl.math.div_rn(s1, tl.maximum(c, 1.0)), lv), c, kk, BITS, L)
+    cb = _f2h(lv)
+    bad = bad | _max(_overflows(cb).to(tl.int32), 1)
+    tl.store(bad_ptr + seg, bad.to(tl.uint8), mask=rmask)
+    tl.store(cb_ptr + seg[:, None] * L + kk, cb.to(tl.int16), mask=rmask[:, None])
+    # nearest level with the fp16 codebook: the number of its midpoints below the value
+    cf = _h2f(cb)
+    mid = tl.where(kk == L - 1, float("inf"), (_shift(cf, kk, -1, L) + cf) * 0.5)
+    codes = tl.full([BR, P], 0, tl.int32)
+    for i in tl.static_range(BITS):
+        step: tl.constexpr = L >> (i + 1)
+        codes = tl.where(tl.gather(mid, codes + (step - 1), 1) < x, codes + step, codes)
+    codes = tl.where(valid, codes, L - 1)
+    _store_codes(codes, out_ptr, start, off, m, rmask, gs, BR, P, BITS, PACK)
 
 
 @triton.jit
@@ -282,26 +409,14 @@ def _pack_kernel(codes_ptr, packed_ptr, total, BITS: tl.constexpr, BLK: tl.const
     tl.store(packed_ptr + b[:, None] * BITS + k[None, :], byte.to(tl.uint8), mask=mask)
 
 
+# fmt: off
 @triton.jit
 def _decode_kernel(
-    packed_ptr,
-    m0_ptr,
-    m1_ptr,
-    lv_ptr,
-    out_ptr,
-    rows_ptr,
-    S,
-    D,
-    g,
-    G,
-    METHOD: tl.constexpr,
-    SYM: tl.constexpr,
-    BITS: tl.constexpr,
-    ODT: tl.constexpr,
-    HAS_ROWS: tl.constexpr,
-    P: tl.constexpr,
-    BR: tl.constexpr,
+    packed_ptr, m0_ptr, m1_ptr, lv_ptr, out_ptr, rows_ptr, S, D, g, G,
+    METHOD: tl.constexpr, SYM: tl.constexpr, BITS: tl.constexpr, ODT: tl.constexpr, HAS_ROWS: tl.constexpr,
+    P: tl.constexpr, BR: tl.constexpr,
 ):
+    # fmt: on
     """``BR`` groups of a part (tile rows, as in the encoder) into ``out`` ``[N, D]``, unit ``r``
     at row ``rows[r]`` (or ``r``).
 
@@ -356,22 +471,18 @@ def _decode_kernel(
 
 
 # ------------------------------------------------------------------ host side
-def _layout(D: int, group: int) -> tuple[int, int, int] | None:
-    """``(P, log2 P, rows per program)`` for groups of ``group`` features, or ``None`` (too wide)."""
+def _layout(D: int, group: int, levels: int = 1) -> tuple[int, int, int] | None:
+    """``(P, log2 P, groups per program)`` for groups of ``group`` features (``P`` the padded size;
+    the tile also holds ``levels`` per group), or ``None`` (too wide)."""
     P = 1 << max(group - 1, 0).bit_length()
     if P > MAX_GROUP:
         return None
-    return P, P.bit_length() - 1, max(1, TILE // P)
+    return P, P.bit_length() - 1, max(1, TILE // max(P, levels))
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def _quiet() -> contextlib.AbstractContextManager:
     """The interpreter runs the kernels in NumPy, which warns on fp16 overflow (inf, as on a GPU)."""
-    if INTERPRETED:
-        with np.errstate(over="ignore", invalid="ignore"):
-            yield
-    else:
-        yield
+    return np.errstate(over="ignore", invalid="ignore") if INTERPRETED else contextlib.nullcontext()
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -383,22 +494,17 @@ def supports(x: torch.Tensor) -> bool:
 def encode(
     spec, x: torch.Tensor, keep: torch.Tensor | None, bits: int, group: int
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
-    """Encode ``x`` ``[n, D]`` at width ``bits`` in groups of ``group``: ``(meta, packed codes)``
-    exactly as the eager path stores them, or ``None`` where the reference must run instead.
-
-    Args:
-        spec: the method's :class:`~kvq.quant.fused.FusedSpec` (``uniform`` or ``normal``).
-        x: ``[n, D]`` float32/float16/bfloat16 units on the kernels' device.
-        keep: bool ``[n, D]`` entries that define the statistics (outliers excluded), or ``None``.
-        bits: code width, 1..8.
-        group: effective group size (``<= D``).
-
-    Returns:
-        fp16 metadata ``{name: [n, G, 1]}`` and uint8 packed codes ``[ceil(n * D / 8) * bits]``.
+    """Encode ``x`` ``[n, D]`` at width ``bits`` in groups of ``group`` (as
+    :func:`kvq.quant.fused.encode_part`): fp16 metadata ``{name: [n, G, k]}`` and uint8 packed
+    codes ``[ceil(n * D / 8) * bits]`` exactly as the eager path stores them, or ``None`` (the
+    reference must run). ``x``: float32/float16/bfloat16 on a CUDA device; ``keep``: bool
+    ``[n, D]``, the entries that define the statistics (outliers excluded), or ``None``.
     """
-    if spec.method not in ("uniform", "normal") or not supports(x) or x.dim() != 2:
+    if spec.method not in _METHOD or not supports(x) or x.dim() != 2:
         return None
-    lay = _layout(x.shape[1], group)
+    L = 1 << bits
+    adaptive = spec.method == "adaptive"
+    lay = _layout(x.shape[1], group, L if adaptive else 1)
     if lay is None:
         return None
     P, log_p, br = lay
@@ -406,40 +512,27 @@ def encode(
     n, D = x.shape
     G = -(-D // group)
     dev = x.device
-    meta = {name: torch.empty(n, G, 1, dtype=torch.float16, device=dev) for name in spec.meta}
+    per = L if adaptive else 1
+    meta = {name: torch.empty(n, G, per, dtype=torch.float16, device=dev) for name in spec.meta}
     m = [meta[name].view(torch.int16) for name in spec.meta]
-    m1 = m[1] if len(m) > 1 else m[0]
     packed = torch.empty(-(-n * D // 8) * bits, dtype=torch.uint8, device=dev)
     pack = D % 8 == 0 and group % 8 == 0
     out = packed if pack else torch.empty(n * D, dtype=torch.uint8, device=dev)
     bad = torch.empty(n, G, dtype=torch.uint8, device=dev)
     kp = x if keep is None else keep.contiguous().view(torch.uint8)
-    tab = spec.table.to(dev).contiguous() if spec.method == "normal" else x
     xs = x.view(torch.int16) if x.dtype == torch.bfloat16 else x
+    common = dict(XDT=_XDT[x.dtype], HAS_KEEP=keep is not None, BITS=bits, P=P, LOG_P=log_p, BR=br, PACK=pack)
+    common["enable_fp_fusion"] = False  # no FMA contraction: every product rounded as the reference's
+    sizes = (bad, n * G, D, group, G)
     with _quiet():
-        _encode_kernel[(-(-n * G // br),)](
-            xs,
-            kp,
-            tab,
-            m[0],
-            m1,
-            out,
-            bad,
-            n * G,
-            D,
-            group,
-            G,
-            XDT=_XDT[x.dtype],
-            METHOD=_METHOD[spec.method],
-            SYM=bool(spec.symmetric),
-            HAS_KEEP=keep is not None,
-            BITS=bits,
-            P=P,
-            LOG_P=log_p,
-            BR=br,
-            PACK=pack,
-            enable_fp_fusion=False,
-        )
+        grid = (-(-n * G // br),)
+        if adaptive:
+            lin = spec.table.to(dev).contiguous()
+            _adaptive_kernel[grid](xs, kp, lin, m[0], out, *sizes, ITERS=spec.lloyd_iters, **common)
+        else:
+            tab = spec.table.to(dev).contiguous() if spec.method == "normal" else x
+            sym = bool(spec.symmetric)
+            _encode_kernel[grid](xs, kp, tab, m[0], m[-1], out, *sizes, METHOD=_METHOD[spec.method], SYM=sym, **common)
         if bool(bad.any()):
             return None
         if not pack:
@@ -461,20 +554,10 @@ def decode(
     out: torch.Tensor,
     rows: torch.Tensor | None,
 ) -> bool:
-    """Decode one part into ``out`` exactly as the eager path does (``True``), or leave it to the
-    reference (``False``).
-
-    Args:
-        spec: the method's :class:`~kvq.quant.fused.FusedSpec`.
-        packed: uint8 packed codes of the part, on ``out``'s device.
-        meta: its fp16 metadata, each ``[n, G, k]``.
-        n: units in the part.
-        D: features per unit.
-        group: effective group size.
-        bits: the part's code width.
-        out: ``[N, D]`` float32/float16/bfloat16, contiguous, written at ``rows``.
-        rows: ``[n]`` rows of ``out`` (``None`` = ``0 .. n - 1``).
-    """
+    """Decode one part (``n`` units of ``D`` features, uint8 ``packed`` codes, fp16 ``meta``
+    ``[n, G, k]``) into ``out`` ``[N, D]`` (contiguous, float32/float16/bfloat16, the part's
+    device) at rows ``rows`` ``[n]`` (``None``: ``0 .. n - 1``), exactly as the eager path does, as
+    :func:`kvq.quant.fused.decode_part`. Returns ``False`` where the reference must run."""
     if not supports(out) or not out.is_contiguous() or packed.device != out.device:
         return False
     lay = _layout(D, group)
@@ -487,50 +570,26 @@ def decode(
     idx = None if rows is None else rows.to(device=out.device, dtype=torch.int64).contiguous()
     odt = _XDT[out.dtype]
     with _quiet():
+        ptrs = (packed.contiguous(), ms[0], ms[-1], lv, out.view(torch.int16) if odt == 2 else out)
+        flags = dict(METHOD=_METHOD[spec.method], SYM=bool(spec.symmetric), BITS=bits, ODT=odt)
         _decode_kernel[(-(-n * G // br),)](
-            packed.contiguous(),
-            ms[0],
-            ms[1] if len(ms) > 1 else ms[0],
-            lv,
-            out.view(torch.int16) if odt == 2 else out,
-            packed if idx is None else idx,
-            n * G,
-            D,
-            group,
-            G,
-            METHOD=_METHOD[spec.method],
-            SYM=bool(spec.symmetric),
-            BITS=bits,
-            ODT=odt,
-            HAS_ROWS=idx is not None,
-            P=P,
-            BR=br,
-            enable_fp_fusion=False,
-        )
+            *ptrs, packed if idx is None else idx, n * G, D, group, G, **flags,
+            HAS_ROWS=idx is not None, P=P, BR=br, enable_fp_fusion=False,
+        )  # fmt: skip
     return True
 
 
 @functools.cache
 def interpreted() -> types.ModuleType:
-    """A second copy of this module whose kernels run in Triton's interpreter, on CPU tensors
-    (what the tests use on a machine without a GPU).
-
-    ``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates a kernel, so the copy is executed
-    with it set; this module, and every other Triton kernel of the process, stays compiled.
-    """
+    """A copy of this module whose kernels run in Triton's interpreter on CPU tensors (the tests).
+    ``TRITON_INTERPRET`` is read when ``@triton.jit`` decorates, so the copy is executed with it
+    set; this module and every other kernel of the process stay compiled."""
     name = __name__ + "_interpreted"
     spec = importlib.util.spec_from_file_location(name, __file__)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
-    prev = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
+    with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}):
         spec.loader.exec_module(mod)
-    finally:
-        if prev is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = prev
     if not mod.INTERPRETED:
         raise RuntimeError("triton.knobs.runtime.interpret is forced off: cannot interpret the kernels")
     sys.modules[name] = mod
