@@ -11,7 +11,9 @@ dividing / leaving a smaller last group, outliers, per-unit widths, fp32/fp16/bf
 odd row counts, layouts packed in the kernel (``D`` and the group multiples of 8) and by the
 packing kernel. Shapes stay small: the interpreter runs every program in NumPy.
 
-``gpu`` tests compare a CUDA encode/decode with the CPU reference where a GPU is present.
+A ``slow`` test compiles the kernels through Triton's GPU pipeline to sm_90 code (no GPU needed):
+the interpreter accepts code the GPU compiler rejects. ``gpu`` tests compare a CUDA encode/decode
+with the CPU reference where a GPU is present.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import logging
 import os
 import platform
+import types
 from collections.abc import Iterator
 
 import pytest
@@ -77,6 +80,7 @@ def routed() -> Iterator[Ran]:
         mp.setattr(fused, "_triton_mod", FT)
         mp.setattr(fused, "_triton_tried", True)
         mp.setattr(fused, "_triton_failed", failed)
+        mp.setattr(FT, "STRICT", True)
         yield ran
 
 
@@ -295,6 +299,39 @@ def test_dispatch_routes_by_device(monkeypatch: pytest.MonkeyPatch, caplog) -> N
     assert fused._triton_mod is None and fused.backend(torch.device("cpu")) is None
 
 
+def test_a_failing_kernel_configuration_runs_the_reference(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    # Triton's GPU compiler rejects a configuration: that one runs the reference from then on
+    calls = []
+
+    def launch(*a, **k):
+        calls.append(1)
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(FT, "K", types.SimpleNamespace(encode_kernel=_Grid(launch)))
+    monkeypatch.setattr(FT, "FAILED", {})
+    spec = UniformQuantizer(group_size=32).fused_spec(4)
+    x = _data(0, 8, 64)
+    with caplog.at_level(logging.WARNING, logger=FT.__name__):
+        assert FT.encode(spec, x, None, 4, 32) is None
+        assert FT.encode(spec, x, None, 4, 32) is None
+    assert len(calls) == 1 and len(FT.FAILED) == 1 and "PassManager" in caplog.text
+    assert FT.encode(UniformQuantizer(group_size=32).fused_spec(3), x, None, 3, 32) is None  # another width
+    assert len(calls) == 2
+    monkeypatch.setattr(FT, "STRICT", True)
+    with pytest.raises(RuntimeError, match="PassManager"):
+        FT.encode(UniformQuantizer(group_size=32).fused_spec(2), x, None, 2, 32)
+
+
+class _Grid:
+    """``kernel[grid](...)`` of a stand-in kernel."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        return self.fn
+
+
 def test_switch_governs_the_triton_backend(triton_cpu: Ran) -> None:
     q = UniformQuantizer(group_size=32)
     x = _data(0, 8, 64)
@@ -309,9 +346,55 @@ def test_switch_governs_the_triton_backend(triton_cpu: Ran) -> None:
 
 def test_interpreted_copy_leaves_the_process_compiled() -> None:
     assert FT.INTERPRETED and not fused_triton.INTERPRETED
-    assert isinstance(fused_triton._encode_kernel, triton.runtime.jit.JITFunction)
+    assert isinstance(fused_triton.K.encode_kernel, triton.runtime.jit.JITFunction)
+    assert isinstance(FT.K.encode_kernel, triton.runtime.interpreter.InterpretedFunction)
     assert "TRITON_INTERPRET" not in os.environ or os.environ["TRITON_INTERPRET"] != "1"
     assert fused_triton.interpreted() is FT
+
+
+# -------------------------------------------------------------------------- compiled for a GPU
+_PTRS = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*i16"}
+_COMPILE = [  # (kernel, pointer/int argument types, constexprs): the layouts most likely to trip the compiler
+    ("encode_kernel", ("fp16", "u8", "fp32", "i16", "i16", "u8", "u8"),
+     dict(XDT=1, METHOD=0, SYM=False, HAS_KEEP=False, BITS=4, P=128, LOG_P=7, BR=16, PACK=True)),
+    ("encode_kernel", ("bf16", "u8", "fp32", "i16", "i16", "u8", "u8"),
+     dict(XDT=2, METHOD=1, SYM=False, HAS_KEEP=True, BITS=8, P=64, LOG_P=6, BR=32, PACK=False)),
+    ("encode_kernel", ("fp32", "u8", "fp32", "i16", "i16", "u8", "u8"),
+     dict(XDT=0, METHOD=0, SYM=True, HAS_KEEP=False, BITS=1, P=1, LOG_P=0, BR=2048, PACK=False)),
+    ("adaptive_kernel", ("fp16", "u8", "fp32", "i16", "u8", "u8"),
+     dict(XDT=1, HAS_KEEP=False, BITS=1, ITERS=2, P=128, LOG_P=7, BR=16, PACK=True)),
+    ("adaptive_kernel", ("fp32", "u8", "fp32", "i16", "u8", "u8"),
+     dict(XDT=0, HAS_KEEP=True, BITS=8, ITERS=2, P=8, LOG_P=3, BR=8, PACK=False)),
+    ("decode_kernel", ("u8", "fp16", "fp16", "fp32", "bf16", "i64"),
+     dict(METHOD=2, SYM=False, BITS=8, ODT=2, HAS_ROWS=True, P=128, BR=16)),
+    ("decode_kernel", ("u8", "fp16", "fp16", "fp32", "fp16", "i64"),
+     dict(METHOD=1, SYM=False, BITS=3, ODT=1, HAS_ROWS=False, P=32, BR=64)),
+    ("pack_kernel", ("u8", "u8"), dict(BITS=5, BLK=512)),
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kernel, ptrs, consts", _COMPILE, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(_COMPILE)]
+)
+def test_kernels_compile_for_a_gpu(kernel: str, ptrs: tuple[str, ...], consts: dict) -> None:
+    """The kernels through Triton's whole GPU pipeline down to sm_90 machine code (the wheel
+    ships ptxas; no GPU needed): the interpreter accepts code the compiler rejects (a constexpr
+    reassigned in an unrolled loop, a gather whose index axis is 32 times its source's). And
+    no FMA in the PTX: every launch passes ``enable_fp_fusion=False``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(fused_triton.K, kernel)
+    names = [a for a in fn.arg_names if a not in consts]
+    types_ = [_PTRS.get(t, f"*{t}") for t in ptrs] + ["i32"] * (len(names) - len(ptrs))
+    sig = {a: types_[names.index(a)] if a in names else "constexpr" for a in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+    ptx = out.asm["ptx"]
+    assert "fma.rn.f32" not in ptx
+    if kernel == "encode_kernel":
+        assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
 
 
 # -------------------------------------------------------------------------- on a GPU
