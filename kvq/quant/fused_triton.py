@@ -90,6 +90,13 @@ def _launch(key: tuple, run: Callable[[], object]) -> bool:
 
 
 # ------------------------------------------------------------------ host side
+@functools.lru_cache(maxsize=64)
+def _on(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A method's constant table (cached by ``gaussian_codebook`` / ``_unit_grid``) on ``device``,
+    copied there once."""
+    return table.to(device).contiguous()
+
+
 def _layout(D: int, group: int, levels: int = 1) -> tuple[int, int, int] | None:
     """``(P, log2 P, groups per program)`` for groups of ``group`` features (``P`` the padded size;
     the tile also holds ``levels`` per group), or ``None`` (too wide)."""
@@ -142,10 +149,10 @@ def encode(
 
     def run() -> None:
         if adaptive:
-            lin = spec.table.to(dev).contiguous()
+            lin = _on(spec.table, dev)
             K.adaptive_kernel[grid](xs, kp, lin, m[0], out, *sizes, ITERS=spec.lloyd_iters, **common)
         else:
-            tab = spec.table.to(dev).contiguous() if spec.method == "normal" else x
+            tab = _on(spec.table, dev) if spec.method == "normal" else x
             sym = bool(spec.symmetric)
             K.encode_kernel[grid](
                 xs, kp, tab, m[0], m[-1], out, *sizes, METHOD=_METHOD[spec.method], SYM=sym, **common
@@ -195,7 +202,7 @@ def decode(
         return False
     P, _, br = lay
     G = -(-D // group)
-    lv = spec.levels.to(out.device).contiguous() if spec.method == "normal" else ms[0]
+    lv = _on(spec.levels, out.device) if spec.method == "normal" else ms[0]
     idx = None if rows is None else rows.to(device=out.device, dtype=torch.int64).contiguous()
     odt = _XDT[out.dtype]
     ptrs = (packed.contiguous(), ms[0], ms[-1], lv, out.view(torch.int16) if odt == 2 else out)
