@@ -1,6 +1,7 @@
 """Quantize+dequantize throughput of each method vs a plain copy of the same tensor.
 
     python benchmarks/bench_quant.py [--out benchmarks/results/quant.json] [--rounds 15] [--threads 1]
+    python benchmarks/bench_quant.py --device cuda   # on a GPU: benchmarks/results/quant_cuda.json
     python benchmarks/bench_quant.py --table benchmarks/results/quant.json   # the README table
 
 Tensor: [1, 8, 4096, 128] fp16 (8 KV heads x 4096 tokens x head_dim 128), per-head units,
@@ -9,7 +10,15 @@ moments apart; a method's ratio to the copy is the median over rounds of its tim
 round's copy time (ratios, not absolute times, are what transfers between machines and survives
 a shared, drifting CPU), reported with the spread over rounds. Rows: the fused kernels (the
 default path, ``kvq.quant.fused``) and the eager reference they are checked against
-(``method (eager)``). The JSON keeps the machine, threads, load and the kernels' build time.
+(``method (eager)``); each row records which backend encoded and decoded (``encode_path`` /
+``decode_path``: ``c``, ``triton`` or ``eager``). The JSON keeps the machine, threads, load and
+the kernels' build time (on a GPU: the device, the Triton version; Triton's compile time falls in
+the warm-up round, outside the timings).
+
+``--device``: ``auto`` (the default: ``cuda`` where a GPU is visible, else ``cpu``), ``cpu`` or
+``cuda`` (the Triton kernels of ``kvq.quant.fused_triton``; CUDA events are not needed: every
+timed call ends with ``torch.cuda.synchronize()``). The default output follows the device:
+``quant.json`` on the CPU, ``quant_cuda.json`` on a GPU.
 
 Every timing is taken on two clocks at once: the wall clock (``ratio_to_copy``) and the CPU time
 of the process (``ratio_to_copy_cpu``). One thread by default: on a machine whose cores are
@@ -63,6 +72,32 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def paths(q: Quantizer, on: bool, units: torch.Tensor) -> tuple[str, str]:
+    """``(encode, decode)`` backends of one round trip: ``c``, ``triton`` or ``eager`` (any part of
+    the block that ran the eager chain makes it ``eager``)."""
+    ran = {"encode": [], "decode": []}
+    enc, dec = fused.encode_part, fused.decode_part
+    kind = fused.backend(units.device) or "eager"
+
+    def encode_part(*a, **k):
+        out = enc(*a, **k)
+        ran["encode"].append(out is not None)
+        return out
+
+    def decode_part(*a, **k):
+        out = dec(*a, **k)
+        ran["decode"].append(bool(out))
+        return out
+
+    fused.encode_part, fused.decode_part = encode_part, decode_part
+    try:
+        with fused.using(on):
+            q.decode(q.encode(units, 4), torch.float16)
+    finally:
+        fused.encode_part, fused.decode_part = enc, dec
+    return tuple(kind if r and all(r) else "eager" for r in (ran["encode"], ran["decode"]))
+
+
 def _once(fn: Callable[[], object]) -> tuple[float, float]:
     """(wall seconds, CPU seconds of the process) of one call."""
     t, c = time.perf_counter(), time.process_time()
@@ -81,15 +116,21 @@ def quantiles(xs: list[float]) -> tuple[float, float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results/quant.json")
+    ap.add_argument("--out", help="default: benchmarks/results/quant.json (cpu), quant_cuda.json (cuda)")
     ap.add_argument("--rounds", type=int, default=15, help="rounds of the fused path (eager: a third)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if visible")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--table", metavar="JSON", help="print the README table of a result file and exit")
     args = ap.parse_args()
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
         return
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device visible")
+    if args.out is None:
+        args.out = "benchmarks/results/" + ("quant.json" if args.device == "cpu" else "quant_cuda.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -98,6 +139,9 @@ def main() -> None:
     t0 = time.perf_counter()
     info = fused.build_info()  # build (or load) the kernels outside the timings
     build_s = time.perf_counter() - t0
+    if args.device == "cuda":
+        ft = fused.triton_backend()
+        info = {"triton": None if ft is None else ft.triton.__version__, "c_kernels": info}
     methods: list[tuple[str, Quantizer, bool]] = [("none", FullPrecision(), True)]
     for name, q in [
         ("uniform", UniformQuantizer(group_size=128)),
@@ -113,8 +157,9 @@ def main() -> None:
 
         return run
 
-    for _, q, on in methods:  # warm-up (allocator, first calls)
+    for _, q, on in methods:  # warm-up (allocator, first calls, Triton's compilation)
         round_trip(q, on)()
+    backends = {name: paths(q, on, units) for name, q, on in methods}
     clocks = ("wall", "cpu")
     times = {c: {name: [] for name, _, _ in methods} for c in clocks}
     ratios = {c: {name: [] for name, _, _ in methods} for c in clocks}
@@ -139,6 +184,8 @@ def main() -> None:
             {
                 "method": name,
                 "fused": on and name != "none" and q._fused_applies(),
+                "encode_path": backends[name][0] if name != "none" else "copy",
+                "decode_path": backends[name][1] if name != "none" else "copy",
                 "seconds": s,
                 "encode_seconds": enc,
                 "gb_per_s": x.numel() * x.element_size() / s / 1e9,
@@ -176,17 +223,19 @@ def _enc(q: Quantizer, on: bool, units: torch.Tensor) -> object:
 def table(res: dict) -> str:
     """The README rows of a result file."""
     lines = [
-        "| method | ms per round trip | GB/s | × copy (wall) | IQR | × copy (CPU clock) | IQR |",
-        "|---|---|---|---|---|---|---|",
+        "| method | encode / decode | ms per round trip | GB/s | × copy (wall) | IQR | × copy (CPU clock) | IQR |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         (q1, q3), (c1, c3) = r["ratio_iqr"], r["ratio_cpu_iqr"]
+        path = f"{r['encode_path']} / {r['decode_path']}" if "encode_path" in r else ""
         lines.append(
-            f"| {r['method']} | {r['seconds'] * 1e3:.2f} | {r['gb_per_s']:.3g} | "
+            f"| {r['method']} | {path} | {r['seconds'] * 1e3:.2f} | {r['gb_per_s']:.3g} | "
             f"**{r['ratio_to_copy']:.1f}** | {q1:.1f}–{q3:.1f} | {r['ratio_to_copy_cpu']:.1f} | {c1:.1f}–{c3:.1f} |"
         )
     lines.append(
-        f"\n(copy {res['copy_seconds'] * 1e3:.3f} ms; {res.get('cpu')}, {res.get('torch_threads')} thread(s), "
+        f"\n(copy {res['copy_seconds'] * 1e3:.3f} ms; {res.get('gpu') or res.get('cpu')}, "
+        f"{res.get('torch_threads')} thread(s), "
         f"load average {', '.join(f'{v:.1f}' for v in res.get('load_average') or [])})"
     )
     return "\n".join(lines)

@@ -517,11 +517,12 @@ class Quantizer:
         return self._decode_eager(qt, dtype)
 
     def _decode_fused(self, qt: QTensor, dtype: torch.dtype) -> torch.Tensor | None:
-        if not self._fused_applies() or qt.parts[0].codes.device.type != "cpu":
+        dev = qt.parts[0].codes.device
+        if not self._fused_applies() or fused.backend(dev) is None:
             return None
         N, D = qt.n_units, qt.unit_size
         g = self.effective_group_size(D)
-        out = torch.empty(N, D, dtype=dtype)
+        out = torch.empty(N, D, dtype=dtype, device=dev)
         for part in qt.parts:
             spec = self.fused_spec(part.bits)
             rows = None if qt.unit_bits is None else (qt.unit_bits == part.bits).nonzero().squeeze(1)

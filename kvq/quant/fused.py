@@ -1,25 +1,36 @@
 """Fused quantize/dequantize kernels behind :meth:`Quantizer.encode` / :meth:`Quantizer.decode`.
 
 The eager op chain of :mod:`kvq.quant.base` (statistics, rounding, packing as separate PyTorch
-ops) is the reference. For the built-in methods (``uniform``, ``normal``, ``adaptive``) on the
-CPU, the same computation runs as one C kernel per block of rows (``fused_kernels.c`` beside this
-module): every float operation is the one the reference performs, in the same order, so the
-codes and fp16 metadata are identical byte for byte and decoded values are identical too
-(``tests/quant/test_fused.py`` checks this over the method matrix, all widths, groupings,
-outliers and per-unit widths). Large blocks are split over ``torch.get_num_threads()`` threads.
+ops) is the reference. For the built-in methods (``uniform``, ``normal``, ``adaptive``) the same
+computation runs as one kernel per block of rows, on two backends:
 
-The kernels are compiled once per machine with the system C compiler (``cc -O3 -march=native``;
+* CPU tensors: C kernels (``fused_kernels.c`` beside this module) for all three methods;
+* CUDA tensors: Triton kernels (:mod:`kvq.quant.fused_triton`) for the same three methods,
+  encode and decode. Used where ``triton`` imports (the ``gpu`` extra); elsewhere the eager path
+  runs, and the reason is logged once at debug level (a kernel that raises -- a GPU Triton does
+  not target -- logs a warning and turns the Triton path off for the process).
+
+On both, every float operation is the one the reference performs, in the same order, so the codes
+and fp16 metadata are identical byte for byte and decoded values are identical too: the C kernels
+are checked by ``tests/quant/test_fused.py`` over the method matrix, all widths, groupings,
+outliers and per-unit widths; the Triton kernels by ``tests/quant/test_fused_triton.py`` over the
+same matrix in Triton's interpreter on CPU tensors, bit for bit (the real-GPU check, marked
+``gpu``, has not run yet: no GPU was lent). Large CPU blocks are split over
+``torch.get_num_threads()`` threads.
+
+The C kernels are compiled once per machine with the system C compiler (``cc -O3 -march=native``;
 1.3-5 s on the project's 2-core machine, depending on its load), cached on disk
 (``$KVQ_KERNEL_CACHE``, default ``~/.cache/kvq/kernels``, keyed by the source, the flags and the
 CPU) and loaded with :mod:`ctypes` (a few ms in every later process). They take any number of
 units, so growing caches never recompile. ``$KVQ_KERNEL_CFLAGS`` replaces ``-march=native``
-(another target, or ``""`` for the portable code). Where a kernel does not apply (a GPU tensor,
-another dtype, a method that overrides a hook, a non-finite value, no C compiler) the eager
-reference runs.
+(another target, or ``""`` for the portable code). Triton compiles each kernel once per
+(method, width, dtype, group layout) and caches it on disk as Triton does. Where a kernel does not
+apply (another device or dtype, a method that overrides a hook, a non-finite value, no C compiler,
+no ``triton``) the eager reference runs.
 
-The switch: ``KVQ_FUSED=0`` (or ``off``) runs the eager reference everywhere; the default
-(``auto``) uses the kernels where they apply. In code: :func:`set_enabled` / :func:`enabled` /
-:func:`using`.
+The switch, for both backends: ``KVQ_FUSED=0`` (or ``off``) runs the eager reference everywhere;
+the default (``auto``) uses the kernels where they apply. In code: :func:`set_enabled` /
+:func:`enabled` / :func:`using` / :func:`reference`.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +59,7 @@ __all__ = [
     "ENV",
     "HOOKS",
     "FusedSpec",
+    "backend",
     "build_info",
     "decode_part",
     "enabled",
@@ -56,6 +69,7 @@ __all__ = [
     "reference",
     "set_enabled",
     "supports",
+    "triton_backend",
     "using",
 ]
 
@@ -91,6 +105,10 @@ _lib_tried = False
 _info: dict[str, object] = {}
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+#: which backend reads the tensors of a device type ("c": the C kernels, "triton": fused_triton)
+_BACKENDS = {"cpu": "c", "cuda": "triton"}
+_triton_mod: types.ModuleType | None = None
+_triton_tried = False
 
 
 @dataclass(frozen=True)
@@ -300,9 +318,50 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def triton_backend() -> types.ModuleType | None:
+    """:mod:`kvq.quant.fused_triton`, imported on first use; ``None`` where ``triton`` does not
+    import (or failed to run a kernel): CUDA tensors then take the eager path (logged once, at
+    debug level)."""
+    global _triton_mod, _triton_tried
+    if not _triton_tried:
+        with _lock:
+            if not _triton_tried:
+                try:
+                    from kvq.quant import fused_triton
+
+                    _triton_mod = fused_triton
+                except Exception as e:  # ImportError, or a triton that fails on import
+                    log.debug(
+                        "kvq: no Triton kernels (%s: %s); CUDA tensors use the eager path",
+                        type(e).__name__,
+                        e,
+                    )
+                    _triton_mod = None
+                _triton_tried = True
+    return _triton_mod
+
+
+def _triton_failed(e: Exception) -> None:
+    """A Triton kernel raised (e.g. a GPU its compiler does not target): the eager path from now on."""
+    global _triton_mod
+    log.warning("kvq: Triton kernels disabled (%s: %s); CUDA tensors use the eager path", type(e).__name__, e)
+    _triton_mod = None
+
+
+def backend(device: torch.device) -> str | None:
+    """The backend that reads tensors on ``device`` (``"c"``, ``"triton"``), or ``None``."""
+    kind = _BACKENDS.get(device.type)
+    if kind == "c":
+        return kind if library() is not None else None
+    if kind == "triton" and triton_backend() is not None:
+        return kind
+    return None
+
+
 def supports(x: torch.Tensor) -> bool:
-    """Whether the kernels can read ``x`` (CPU, float32/float16/bfloat16) and are available."""
-    return x.device.type == "cpu" and x.dtype in _DTYPES and library() is not None
+    """Whether a backend can read ``x`` (float32/float16/bfloat16; CPU: the C kernels are
+    available; CUDA: ``triton`` imports)."""
+    return x.dtype in _DTYPES and backend(x.device) is not None
 
 
 def encode_part(
@@ -314,11 +373,20 @@ def encode_part(
 
     Args:
         spec: the method's constants.
-        x: ``[n, D]`` float32/float16/bfloat16 CPU units.
+        x: ``[n, D]`` float32/float16/bfloat16 units (CPU: the C kernels; CUDA: Triton).
         keep: bool ``[n, D]`` entries that define the statistics (outliers excluded), or ``None``.
         bits: code width.
         group: effective group size (``<= D``).
     """
+    kind = backend(x.device)
+    if kind == "triton":
+        try:
+            return _triton_mod.encode(spec, x, keep, bits, group)
+        except Exception as e:  # never an error: the reference runs
+            _triton_failed(e)
+            return None
+    if kind != "c":
+        return None
     lib = library()
     if lib is None:
         return None
@@ -363,20 +431,33 @@ def decode_part(
 
     Args:
         spec: the method's constants.
-        packed: uint8 packed codes of the part.
+        packed: uint8 packed codes of the part (its device picks the backend).
         meta: its fp16 metadata, each ``[n, G, k]``.
         n: units in the part.
         D: features per unit.
         group: effective group size.
         bits: the part's code width.
-        out: ``[N, D]`` float32/float16/bfloat16, contiguous, written at ``rows``.
+        out: ``[N, D]`` float32/float16/bfloat16, contiguous, on ``packed``'s device, written at ``rows``.
         rows: ``[n]`` rows of ``out`` (``None`` = ``0 .. n - 1``).
 
     Returns:
         Whether it ran (``False``: the reference must).
     """
+    kind = backend(packed.device)
+    if kind == "triton":
+        try:
+            return _triton_mod.decode(spec, packed, meta, n, D, group, bits, out, rows)
+        except Exception as e:
+            _triton_failed(e)
+            return False
     lib = library()
-    if lib is None or out.dtype not in _DTYPES or not out.is_contiguous() or packed.device.type != "cpu":
+    if (
+        kind != "c"
+        or lib is None
+        or out.dtype not in _DTYPES
+        or not out.is_contiguous()
+        or out.device.type != "cpu"
+    ):
         return False
     m = [meta[name].contiguous() for name in spec.meta] + [None] * (2 - len(spec.meta))
     if any(t is not None and t.dtype != torch.float16 for t in m):
