@@ -7,8 +7,10 @@ computation runs as one kernel per block of rows, on two backends:
 * CPU tensors: C kernels (``fused_kernels.c`` beside this module) for all three methods;
 * CUDA tensors: Triton kernels (:mod:`kvq.quant.fused_triton`) for the same three methods,
   encode and decode. Used where ``triton`` imports (the ``gpu`` extra); elsewhere the eager path
-  runs, and the reason is logged once at debug level (a kernel that raises -- a GPU Triton does
-  not target -- logs a warning and turns the Triton path off for the process).
+  runs, and the reason is logged once at debug level. A configuration whose kernel fails to
+  compile or run (a GPU Triton does not target) runs the eager path from then on (a warning, once:
+  :data:`kvq.quant.fused_triton.FAILED`); any other error of the Triton host side turns the Triton
+  path off for the process (a warning).
 
 On both, every float operation is the one the reference performs, in the same order, so the codes
 and fp16 metadata are identical byte for byte and decoded values are identical too: the C kernels
@@ -342,7 +344,8 @@ def triton_backend() -> types.ModuleType | None:
 
 
 def _triton_failed(e: Exception) -> None:
-    """A Triton kernel raised (e.g. a GPU its compiler does not target): the eager path from now on."""
+    """The Triton host side raised (kernel failures are handled per configuration in
+    :mod:`kvq.quant.fused_triton`): the eager path from now on."""
     global _triton_mod
     log.warning("kvq: Triton kernels disabled (%s: %s); CUDA tensors use the eager path", type(e).__name__, e)
     _triton_mod = None

@@ -20,7 +20,8 @@ model, on calibration windows (:mod:`kvq.calib`); every group stores only its no
   *Quality presets*: 8 windows of WikiText-2 and of pydoc, fakequant and prefill): plain k-means
   key codebooks give 32-53% lower KL than Fisher-weighted ones, fixed 3-bit and under a budget
   alike (the squared gradients of a few calibration windows are heavy-tailed, so weighted levels
-  follow a few tokens); only at 2.5 bits (``kvq2``) does the weighting pay, for values and keys.
+  follow a few tokens); at 2.5 bits (``kvq2``) the weighting is level on KL (within 3%) and
+  better on perplexity, so that preset pins it for keys and values.
 * optional sparse outliers (``kv.outlier_ratio``: the shared dense-and-sparse path).
 
 Memory: the codebooks are stored once per model (``kv/codebook_bytes`` = 2 bytes per level of
